@@ -1,0 +1,32 @@
+# Two commands set a fresh machine up:  make train  (the main job)  and  make test  (the tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN_STAMP := $(VENV)/.run-installed
+DEV_STAMP := $(VENV)/.dev-installed
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+
+.PHONY: train test venv clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(RUN_STAMP): requirements.txt pyproject.toml | $(BIN)/python
+	$(PIP) -r requirements.txt
+	$(PIP) --no-deps -e .
+	touch $@
+
+$(DEV_STAMP): $(RUN_STAMP) requirements-dev.txt
+	$(PIP) -r requirements-dev.txt
+	touch $@
+
+venv: $(DEV_STAMP)
+
+train: $(RUN_STAMP)
+	$(BIN)/python -m dgia_jax.main --config configs/default.py --workdir runs/default
+
+test: $(DEV_STAMP)
+	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,58 @@
+"""Default experiment: CPU-sized CLIP trained from scratch on the embedded synthetic set.
+
+  python -m dgia_jax.main --config configs/default.py --workdir runs/default
+"""
+
+import ml_collections
+
+from dgia_jax.models import presets
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "default"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic_persons"
+  c.data.data_dir = "data/tfds"
+  c.data.prepare = True  # build the data set if it is missing
+  c.data.synthetic = ml_collections.ConfigDict(dict(
+      num_ids=(500, 50, 100), views_per_id=4, captions_per_image=2, sibling_prob=0.5, mention_prob=0.6,
+      seed=0, tokenizer_vocab_size=600))
+  c.data.image_size = (96, 32)  # height, width
+  c.data.context_length = 48
+  c.data.tokenizer = ""  # "" = the tokenizer saved beside the data
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.num_threads = 4
+
+  c.model = presets.small()
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.temperature = 0.02
+  c.loss.itc = True
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64
+  c.train.epochs = 10
+  c.train.lr = 5e-4
+  c.train.min_lr = 0.0
+  c.train.warmup_epochs = 1.0
+  c.train.warmup_factor = 0.1
+  c.train.weight_decay = 4e-5
+  c.train.bias_lr_factor = 2.0
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  c.train.grad_clip = 0.0
+  c.train.log_every = 10
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 256
+  c.eval.every_epochs = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 200
+  c.checkpoint.keep = 2
+  return c

@@ -1,0 +1,1 @@
+"""TFDS builders (array_record, read TF-free) for the person–text data sets."""

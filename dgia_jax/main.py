@@ -1,0 +1,43 @@
+"""Main job: prepare data if missing, train, evaluate every epoch, write results and curves.
+
+  python -m dgia_jax.main --config configs/default.py --workdir runs/default \
+      --config.train.epochs=3
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dgia_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that reports a bad `--config.*` override in one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections' way of saying "no such key"
+    key = str(e).strip("\"'")
+    culprit = next((a for a in argv[1:] if a.startswith("--config.") and key.split("'")[0] in a), "a --config flag")
+    sys.exit(f"error: unknown config key {key!r} in {culprit}")
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  final = results["final"]
+  print(f"final ({final['split']}, epoch {final['epoch']}): text→image "
+        + " ".join(f"{k}={v:.2f}" for k, v in final["t2i"].items()))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,235 @@
+"""CLIP two-tower in Flax linen: a ViT image tower and a causal text transformer.
+
+Shapes and parameter layout follow OpenAI CLIP (pre-LayerNorm residual blocks, fused
+`in_proj` attention, QuickGELU, class-token image feature, end-of-text-token text feature,
+bias-free projections to the shared embedding), so pretrained checkpoints map 1:1.
+Both encoders return L2-normalised features [B, D].
+
+Compute dtype is configurable (`float32` or `bfloat16`); parameters are always float32
+and LayerNorm runs in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+# OpenAI CLIP's image normalisation (RGB).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  image_size: tuple[int, int]  # height, width
+  patch_size: int
+  width: int
+  layers: int
+  heads: int
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  vocab_size: int
+  context_length: int
+  width: int
+  layers: int
+  heads: int
+  eot_token_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  embed_dim: int
+  vision: VisionConfig
+  text: TextConfig
+  activation: str = "quick_gelu"  # OpenAI CLIP; "gelu" for other families
+  dtype: str = "float32"  # compute dtype of activations
+  remat: bool = False  # rematerialise residual blocks (saves activation memory)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32 whatever the input dtype (as OpenAI CLIP does)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32)(x.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+class ResidualAttentionBlock(nn.Module):
+  """x + attn(ln_1(x)); x + mlp(ln_2(x)). Input/output [B, T, W]."""
+
+  width: int
+  heads: int
+  layers: int  # depth of the stack, for the init scale
+  causal: bool
+  activation: str
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, w = x.shape
+    attn_std = self.width ** -0.5
+    proj_std = attn_std * (2 * self.layers) ** -0.5
+    fc_std = (2 * self.width) ** -0.5
+    dense = lambda feats, std, name: nn.Dense(  # noqa: E731
+        feats, dtype=self.dtype, kernel_init=nn.initializers.normal(std), name=name)
+
+    h = LayerNorm(name="ln_1")(x)
+    qkv = dense(3 * w, attn_std, "in_proj")(h).reshape(b, t, 3, self.heads, w // self.heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    h = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal).reshape(b, t, w)
+    x = x + dense(w, proj_std, "out_proj")(h)
+
+    h = LayerNorm(name="ln_2")(x)
+    h = dense(4 * w, fc_std, "c_fc")(h)
+    h = _ACTIVATIONS[self.activation](h)
+    return x + dense(w, proj_std, "c_proj")(h)
+
+
+class Transformer(nn.Module):
+  width: int
+  layers: int
+  heads: int
+  causal: bool
+  activation: str
+  dtype: jnp.dtype
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
+    for i in range(self.layers):
+      x = block(self.width, self.heads, self.layers, self.causal, self.activation, self.dtype,
+                name=f"resblocks_{i}")(x)
+    return x
+
+
+class VisionTransformer(nn.Module):
+  """Images [B, H, W, 3] (normalised) -> class-token features [B, D] (not normalised)."""
+
+  cfg: VisionConfig
+  output_dim: int
+  activation: str
+  dtype: jnp.dtype
+  remat: bool
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    c = self.cfg
+    scale = c.width ** -0.5
+    x = nn.Conv(c.width, (c.patch_size, c.patch_size), strides=c.patch_size, use_bias=False,
+                padding="VALID", dtype=self.dtype, name="conv1")(images.astype(self.dtype))
+    b = x.shape[0]
+    x = x.reshape(b, -1, c.width)
+    cls = self.param("class_embedding", nn.initializers.normal(scale), (c.width,))
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, c.width)), x], axis=1)
+    gh, gw = c.grid
+    pos = self.param("positional_embedding", nn.initializers.normal(scale), (gh * gw + 1, c.width))
+    x = x + pos.astype(self.dtype)
+    x = LayerNorm(name="ln_pre")(x)
+    x = Transformer(c.width, c.layers, c.heads, False, self.activation, self.dtype, self.remat,
+                    name="transformer")(x)
+    x = LayerNorm(name="ln_post")(x[:, 0])
+    proj = self.param("proj", nn.initializers.normal(scale), (c.width, self.output_dim))
+    return jnp.dot(x, proj.astype(self.dtype))
+
+
+class TextTransformer(nn.Module):
+  """Tokens int32 [B, L] -> end-of-text-token features [B, D] (not normalised)."""
+
+  cfg: TextConfig
+  output_dim: int
+  activation: str
+  dtype: jnp.dtype
+  remat: bool
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    c = self.cfg
+    x = nn.Embed(c.vocab_size, c.width, embedding_init=nn.initializers.normal(0.02),
+                 name="token_embedding")(tokens).astype(self.dtype)
+    pos = self.param("positional_embedding", nn.initializers.normal(0.01), (c.context_length, c.width))
+    x = x + pos[: tokens.shape[1]].astype(self.dtype)
+    x = Transformer(c.width, c.layers, c.heads, True, self.activation, self.dtype, self.remat,
+                    name="transformer")(x)
+    x = LayerNorm(name="ln_final")(x)
+    eot = jnp.argmax(tokens == c.eot_token_id, axis=-1)  # first end-of-text position
+    x = x[jnp.arange(x.shape[0]), eot]
+    proj = self.param("text_projection", nn.initializers.normal(c.width ** -0.5), (c.width, self.output_dim))
+    return jnp.dot(x, proj.astype(self.dtype))
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Row-wise L2 normalisation in float32: [B, D] -> [B, D]."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """uint8 [B, H, W, 3] -> float32 CLIP-normalised [B, H, W, 3]."""
+  return (images.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+class CLIP(nn.Module):
+  """The two towers. `encode_image`/`encode_text` return L2-normalised float32 [B, D]."""
+
+  cfg: CLIPConfig
+
+  def setup(self):
+    dtype = jnp.dtype(self.cfg.dtype)
+    self.visual = VisionTransformer(self.cfg.vision, self.cfg.embed_dim, self.cfg.activation, dtype,
+                                    self.cfg.remat)
+    self.text = TextTransformer(self.cfg.text, self.cfg.embed_dim, self.cfg.activation, dtype, self.cfg.remat)
+
+  def encode_image(self, images: jax.Array) -> jax.Array:
+    """Normalised float images [B, H, W, 3] -> [B, D]."""
+    return l2_normalize(self.visual(images))
+
+  def encode_text(self, tokens: jax.Array) -> jax.Array:
+    """Tokens int32 [B, L] -> [B, D]."""
+    return l2_normalize(self.text(tokens))
+
+  def __call__(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return self.encode_image(images), self.encode_text(tokens)
+
+
+def config_from_dict(model_cfg, image_size: tuple[int, int], vocab_size: int, eot_token_id: int,
+                     context_length: int) -> CLIPConfig:
+  """Builds a `CLIPConfig` from the `config.model` ConfigDict, the input size and the tokenizer's facts."""
+  v, t = model_cfg.vision, model_cfg.text
+  h, w = image_size
+  if h % v.patch_size or w % v.patch_size:
+    raise ValueError(f"image size {h}x{w} is not a multiple of patch size {v.patch_size}")
+  for name, tower in (("vision", v), ("text", t)):
+    if tower.width % tower.heads:
+      raise ValueError(f"model.{name}.width={tower.width} is not divisible by heads={tower.heads}")
+  return CLIPConfig(
+      embed_dim=model_cfg.embed_dim,
+      vision=VisionConfig((h, w), v.patch_size, v.width, v.layers, v.heads),
+      text=TextConfig(vocab_size, context_length, t.width, t.layers, t.heads, eot_token_id),
+      activation=model_cfg.activation,
+      dtype=model_cfg.dtype,
+      remat=model_cfg.remat,
+  )
+
+
+def count_params(params) -> int:
+  return sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))

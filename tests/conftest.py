@@ -1,0 +1,18 @@
+import pytest
+
+from tests import helpers
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+  """A data dir holding the tiny synthetic set, prepared once per session."""
+  from dgia_jax.data import datasets
+
+  path = str(tmp_path_factory.mktemp("tfds"))
+  datasets.get_builder(helpers.tiny_config(path).data, prepare=True)
+  return path
+
+
+@pytest.fixture
+def tiny_config(data_dir):
+  return helpers.tiny_config(data_dir)

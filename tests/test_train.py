@@ -1,0 +1,142 @@
+"""The trainer end to end on the tiny synthetic set: curves, results, resume, devices, kills."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dgia_jax import checkpointing, parallel, reporting, train
+from dgia_jax.data import datasets
+from tests import helpers
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+  cfg = helpers.tiny_config(data_dir)
+  workdir = str(tmp_path_factory.mktemp("run"))
+  return cfg, workdir, train.train_and_evaluate(cfg, workdir)
+
+
+def _records(workdir, kind):
+  with open(os.path.join(workdir, reporting.METRICS_FILE)) as f:
+    return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def test_writes_results_curves_and_metrics(trained):
+  cfg, workdir, results = trained
+  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+    saved = json.load(f)
+  assert saved["final"] == results["final"]
+  assert set(results["final"]["t2i"]) == {"R1", "R5", "R10", "mAP", "mINP"}
+  assert [r["epoch"] for r in _records(workdir, "eval")] == [1, 2]
+  losses = [r["loss"] for r in _records(workdir, "train")]
+  assert len(losses) == results["steps"] == 2 * (64 // 16) and all(np.isfinite(losses))
+  with open(os.path.join(workdir, train.CURVES_FILE), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_continues_from_the_latest_checkpoint(trained, capsys):
+  cfg, workdir, _ = trained
+  cfg.train.epochs = 3
+  results = train.train_and_evaluate(cfg, workdir)
+  assert "resuming at step 8" in capsys.readouterr().out
+  assert results["steps"] == 12
+  assert [r["epoch"] for r in _records(workdir, "eval")] == [1, 2, 3]
+  steps = [r["step"] for r in _records(workdir, "train")]
+  assert steps == list(range(1, 13))
+
+
+def test_optimizer_gives_biases_twice_the_rate_and_no_decay():
+  import jax.numpy as jnp
+  import ml_collections
+
+  tcfg = ml_collections.ConfigDict(dict(lr=0.1, min_lr=0.0, warmup_epochs=0, warmup_factor=0.1, epochs=1,
+                                        weight_decay=0.5, bias_lr_factor=2.0, b1=0.9, b2=0.999, eps=1e-8,
+                                        grad_clip=0.0))
+  tx, _ = train.make_optimizer(tcfg, steps_per_epoch=100)
+  params = {"dense": {"kernel": jnp.ones(3), "bias": jnp.ones(3)}}
+  grads = {"dense": {"kernel": jnp.zeros(3), "bias": jnp.full(3, 1.0)}}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Adam's first step moves by lr·sign(g): bias -2·lr, kernel driven only by the decay term.
+  np.testing.assert_allclose(updates["dense"]["bias"], -0.2, rtol=1e-4)
+  np.testing.assert_allclose(updates["dense"]["kernel"], -0.1, rtol=1e-4)
+
+
+_LOSSES = """
+import json, sys
+from tests import helpers
+from dgia_jax import train
+cfg = helpers.tiny_config({data_dir!r})
+cfg.train.epochs = 1
+cfg.eval.batch_size = 16
+{extra}
+train.train_and_evaluate(cfg, {workdir!r})
+with open({workdir!r} + "/metrics.jsonl") as f:
+  print("LOSSES", json.dumps([r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]))
+"""
+
+
+def _losses(out: str):
+  return json.loads(out.split("LOSSES", 1)[1])
+
+
+def test_eight_devices_give_the_losses_of_one(tmp_path, data_dir):
+  one = helpers.run_python(_LOSSES.format(data_dir=data_dir, workdir=str(tmp_path / "one"), extra=""), devices=1)
+  eight = helpers.run_python(_LOSSES.format(
+      data_dir=data_dir, workdir=str(tmp_path / "eight"),
+      extra="import jax; assert jax.device_count() == 8"), devices=8)
+  np.testing.assert_allclose(_losses(eight.stdout), _losses(one.stdout), rtol=2e-5)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path, data_dir):
+  code = _LOSSES.format(data_dir=data_dir, workdir=str(tmp_path), extra="cfg.train.batch_size = 12")
+  with pytest.raises(AssertionError, match="train.batch_size=12 is not divisible by the 8 devices"):
+    helpers.run_python(code, devices=8)
+
+
+def _restore_latest(cfg, ckpt_dir):
+  tokenizer, _ = datasets.load(cfg.data, ("test",))
+  tx, _ = train.make_optimizer(cfg.train, 4)
+  template = train.init_state(train.build_model(cfg, tokenizer), tx, 0, parallel.make_mesh())
+  ckpt = checkpointing.Checkpointer(ckpt_dir, 1, 3)
+  try:
+    return ckpt.latest_step(), ckpt.restore(template)
+  finally:
+    ckpt.close()
+
+
+def test_kill_during_checkpoint_writes_leaves_a_usable_checkpoint(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  code = _LOSSES.format(data_dir=data_dir, workdir=workdir,
+                        extra="cfg.train.epochs = 40; cfg.checkpoint.every_steps = 1; cfg.checkpoint.keep = 3")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "PYTHONPATH": helpers.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  proc = subprocess.Popen([sys.executable, "-c", code], cwd=helpers.ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+      if sum(n.isdigit() for n in names) >= 2:
+        break  # it saves every step, asynchronously: a write is (almost always) in flight now
+      time.sleep(0.005)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  # A half-written step directory, as a kill mid-write leaves it, must be ignored too.
+  os.makedirs(os.path.join(ckpt_dir, "99999.orbax-checkpoint-tmp-1"), exist_ok=True)
+  with open(os.path.join(ckpt_dir, "99999.orbax-checkpoint-tmp-1", "junk"), "w") as f:
+    f.write("partial")
+  latest, restored = _restore_latest(helpers.tiny_config(data_dir), ckpt_dir)
+  assert latest is not None and latest < 99999 and int(restored.step) == latest
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
