@@ -30,6 +30,13 @@ class Checkpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+  def restore_raw(self, step: int | None = None):
+    """Checkpoint `step` (default: latest) as saved: nested dicts of host arrays, no template."""
+    step = self._manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self._manager.directory}")
+    return step, self._manager.restore(step, args=ocp.args.StandardRestore())
+
   def save(self, step: int, state, force: bool = False) -> bool:
     return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 

@@ -27,6 +27,7 @@ from dgia_jax.models import clip
 
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
+CONFIG_FILE = "config.json"
 
 
 @flax.struct.dataclass
@@ -162,6 +163,26 @@ def build_model(config: ml_collections.ConfigDict, tokenizer) -> clip.CLIP:
                                          tokenizer.eot_id, tokenizer.context_length))
 
 
+def load_trained(workdir: str, step: int | None = None):
+  """(config, tokenizer, model, params, step) of a training run, for inference.
+
+  Reads the config the run saved and the parameters of checkpoint `step` (default: latest).
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} is not a training workdir: {CONFIG_FILE} is missing")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  tokenizer = datasets.get_tokenizer(config.data, datasets.get_builder(config.data, prepare=False))
+  model = build_model(config, tokenizer)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None)
+  try:
+    step, raw = ckpt.restore_raw(step)
+  finally:
+    ckpt.close()
+  return config, tokenizer, model, jax.tree.map(jnp.asarray, raw["params"]), step
+
+
 def _fmt(metrics: dict[str, float]) -> str:
   return " ".join(f"{k}={v:.2f}" for k, v in metrics.items())
 
@@ -177,6 +198,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
 
   tokenizer, splits = datasets.load(config.data, (config.data.train_split, config.data.eval_split))
   train_split, eval_split = splits[config.data.train_split], splits[config.data.eval_split]

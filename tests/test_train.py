@@ -140,3 +140,18 @@ def test_kill_during_checkpoint_writes_leaves_a_usable_checkpoint(tmp_path, data
   latest, restored = _restore_latest(helpers.tiny_config(data_dir), ckpt_dir)
   assert latest is not None and latest < 99999 and int(restored.step) == latest
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+
+
+def test_load_trained_gives_the_final_parameters(trained):
+  cfg, workdir, _ = trained
+  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+    results = json.load(f)  # the latest run in this workdir (another test may have resumed it)
+  config, tokenizer, model, params, step = train.load_trained(workdir)
+  assert step == results["steps"] and config.train.batch_size == cfg.train.batch_size
+  _, splits = datasets.load(config.data, ("test",))
+  txt, img = train.extract_features(train.make_encoders(model, parallel.make_mesh()), params, splits["test"],
+                                    parallel.make_mesh(), 16)
+  from dgia_jax import evaluate
+
+  metrics = evaluate.evaluate_retrieval(txt, img, splits["test"].pair_person_ids, splits["test"].person_ids)
+  assert metrics["t2i"] == pytest.approx(results["final"]["t2i"], abs=1e-3)
