@@ -29,9 +29,36 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = presets.small()
 
+  # Losses (METHOD.md): L = L_itc + L_rc_b (lrc) + L_rc_h (iasc) + L_rc_g (gsrc), each switchable.
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.02
   c.loss.itc = True
+  c.loss.lrc = True
+  c.loss.iasc = True
+  c.loss.gsrc = True
+
+  # In-batch relations (LRC and IASC targets): pairs related when both modalities agree.
+  c.relations = ml_collections.ConfigDict()
+  c.relations.image_threshold = 0.7
+  c.relations.text_threshold = 0.7
+  c.relations.weight = 0.1  # lambda: target logit of a related pair (own partner: 1)
+  c.relations.oracle = False  # measurement only: true person ids as the relations
+  # Agreement relations need a spread-out feature space: pretrained CLIP has one from the
+  # start (paper: epoch 1); a model trained from scratch first needs a few epochs of ITC.
+  c.relations.start_epoch = 3
+
+  # Information-asymmetric partners (IASC-CL).
+  c.iasc = ml_collections.ConfigDict()
+  c.iasc.mask_prob = 0.5
+  c.iasc.pad = 3  # pixels; 10 at 384x128, scaled to the 96x32 synthetic images
+  c.iasc.erase_prob = 0.5
+
+  # Global relations (GSRC-FR): memory banks searched with the image as anchor.
+  c.gsrc = ml_collections.ConfigDict()
+  c.gsrc.k = 3
+  c.gsrc.threshold = 0.7
+  c.gsrc.alpha = 0.9  # EMA weight of the new feature
+  c.gsrc.start_epoch = 3  # earlier epochs only fill the banks (paper: 2)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64

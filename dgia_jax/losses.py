@@ -1,6 +1,7 @@
 """Losses. Pure, jittable functions of L2-normalised features; none reads person ids.
 
-Shapes: B batch rows, D embedding width.
+Shapes: B batch rows, B' candidate columns, D embedding width. Target matrices hold
+*logits*: `-inf` marks "not related", so the target distribution is `softmax(target)`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+NOT_RELATED = -jnp.inf
+
 
 def itc_loss(img: jax.Array, txt: jax.Array, temperature: float) -> jax.Array:
   """Symmetric InfoNCE: (CE(image→text) + CE(text→image)) / 2 over img, txt [B, D]."""
@@ -16,3 +19,66 @@ def itc_loss(img: jax.Array, txt: jax.Array, temperature: float) -> jax.Array:
   labels = jnp.arange(img.shape[0])
   return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
                 + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+
+
+def sdm_kl(logits: jax.Array, target_logits: jax.Array, valid: jax.Array | None = None,
+           eps: float = 1e-8) -> jax.Array:
+  """One direction of similarity-distribution matching, averaged over rows.
+
+  `mean_i Σ_j p_ij (log p_ij − log(q_ij + eps))` with `p = softmax(logits)` and
+  `q = softmax(target_logits)` over the columns where `valid` [B, B'] is True (all if None).
+  Columns outside `valid` take no probability in either distribution. Safe when a row has a
+  single related entry (q one-hot) and when p underflows.
+  """
+  if valid is None:
+    valid = jnp.ones(logits.shape, bool)
+  logp = jax.nn.log_softmax(logits, axis=-1, where=valid)
+  q = jax.nn.softmax(jax.lax.stop_gradient(target_logits), axis=-1, where=valid)
+  terms = jnp.where(valid, jnp.exp(logp) * (logp - jnp.log(q + eps)), 0.0)
+  return terms.sum(-1).mean()
+
+
+def relation_sdm(sim_logits: jax.Array, target_logits: jax.Array, mirror_logits: jax.Array | None = None,
+                 valid: jax.Array | None = None, eps: float = 1e-8) -> jax.Array:
+  """Similarity-distribution matching to a relation target, both directions, summed.
+
+  Args:
+    sim_logits: [B, B'] text→image logits (cos / tau).
+    target_logits: [B, B'] relation target; -inf = not related.
+    mirror_logits: [B, B'] image→text logits matched to the same target rows. For a square
+      batch it defaults to `sim_logits.T` against `target_logits.T`.
+    valid: [B, B'] columns that exist (padding excluded); all if None.
+  """
+  forward = sdm_kl(sim_logits, target_logits, valid, eps)
+  if mirror_logits is None:
+    return forward + sdm_kl(sim_logits.T, target_logits.T, None if valid is None else valid.T, eps)
+  return forward + sdm_kl(mirror_logits, target_logits, valid, eps)
+
+
+def relation_targets(related: jax.Array, lam: float) -> jax.Array:
+  """Target logits `Q = I + lam·(M − I)` [B, B] from a relation matrix M [B, B] (bool).
+
+  The own partner gets logit 1, related pairs `lam`, the rest -inf (not related).
+  """
+  eye = jnp.eye(related.shape[0], dtype=bool)
+  return jnp.where(eye, 1.0, jnp.where(related, lam, NOT_RELATED))
+
+
+def agreement_relations(img: jax.Array, txt: jax.Array, th_v: float, th_t: float) -> jax.Array:
+  """M_vt [B, B] (bool): pairs whose images AND captions are both similar (≥ threshold).
+
+  Intra-modal cosines of img, txt [B, D] under stop-gradient; the diagonal is always True.
+  """
+  img, txt = jax.lax.stop_gradient(img), jax.lax.stop_gradient(txt)
+  related = (img @ img.T >= th_v) & (txt @ txt.T >= th_t)
+  return related | jnp.eye(img.shape[0], dtype=bool)
+
+
+def lrc_targets(img: jax.Array, txt: jax.Array, th_v: float, th_t: float, lam: float) -> jax.Array:
+  """Local Relationship Construction target logits [B, B] from the batch's own features."""
+  return relation_targets(agreement_relations(img, txt, th_v, th_t), lam)
+
+
+def lrc_loss(img: jax.Array, txt: jax.Array, target_logits: jax.Array, temperature: float) -> jax.Array:
+  """L_rc_b: relation SDM with S = T Vᵀ / tau against `target_logits` [B, B]."""
+  return relation_sdm(txt @ img.T / temperature, target_logits)

@@ -7,6 +7,7 @@ devices, and many processes.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -20,7 +21,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from dgia_jax import checkpointing, evaluate, losses, parallel, reporting
+from dgia_jax import checkpointing, evaluate, identity_graph, losses, parallel, perturb, reporting
 from dgia_jax.data import datasets
 from dgia_jax.data.pipeline import EpochOrder, Split, eval_image_batches, eval_text_batches, train_batches
 from dgia_jax.models import clip
@@ -35,6 +36,13 @@ class TrainState:
   step: jax.Array  # int32 []
   params: Any
   opt_state: Any
+  bank: identity_graph.MemoryBank | None  # present when the global loss is on
+
+
+def state_sharding(state: TrainState, mesh) -> TrainState:
+  """Replicated parameters and optimizer state; memory banks split over `data` along N."""
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return TrainState(step=repl, params=repl, opt_state=repl, bank=None if state.bank is None else data)
 
 
 # ---------------------------------------------------------------------------------------
@@ -76,46 +84,145 @@ def make_optimizer(tcfg: ml_collections.ConfigDict, steps_per_epoch: int) -> tup
 # Step
 # ---------------------------------------------------------------------------------------
 
-def compute_losses(model: clip.CLIP, params, batch: dict[str, jax.Array], loss_cfg) -> tuple[jax.Array, dict]:
-  """Total loss and its terms for one global batch. Reads no person ids."""
-  img, txt = model.apply({"params": params}, clip.normalize_images(batch["image"]), batch["tokens"])
-  terms = {}
-  if loss_cfg.itc:
-    terms["itc"] = losses.itc_loss(img, txt, loss_cfg.temperature)
+def compute_losses(model: clip.CLIP, params, batch: dict[str, jax.Array], key: jax.Array, bank,
+                   pair_pids: jax.Array, active: dict[str, jax.Array], config, mask_id: int,
+                   mesh) -> tuple[jax.Array, dict, dict]:
+  """Total loss, its terms, and what the step needs besides (features, relations).
+
+  `active` holds bool scalars: `relations` (in-batch agreement relations on; before that
+  the relation target is the identity) and `gsrc` (global loss on). `mask_id` is the
+  tokenizer's mask token, for the masked caption partners. `pair_pids` (hidden person id
+  of every training pair) is read only when `config.relations.oracle` makes true ids the
+  in-batch relation source.
+  """
+  lc, rc, tau = config.loss, config.relations, config.loss.temperature
+  apply = functools.partial(model.apply, {"params": params})
+  img, txt = apply(clip.normalize_images(batch["image"]), batch["tokens"])
+  terms, aux = {}, {"img": img, "txt": txt}
+
+  def in_batch_relations(img, txt):
+    if rc.oracle:
+      pids = pair_pids[batch["index"]]
+      return pids[:, None] == pids[None, :]
+    related = losses.agreement_relations(img, txt, rc.image_threshold, rc.text_threshold)
+    return related & (active["relations"] | jnp.eye(img.shape[0], dtype=bool))
+
+  if lc.itc:
+    terms["itc"] = losses.itc_loss(img, txt, tau)
+  if lc.lrc:
+    aux["lrc_related"] = related = in_batch_relations(img, txt)
+    terms["lrc"] = losses.lrc_loss(img, txt, losses.relation_targets(related, rc.weight), tau)
+  if lc.iasc:
+    ic = config.iasc
+    key_img, key_txt = jax.random.split(key)
+    p_img = apply(perturb.perturb_images(key_img, batch["image"], batch["index"], pad=ic.pad,
+                                         erase_prob=ic.erase_prob), method=clip.CLIP.encode_image)
+    p_txt = apply(perturb.mask_tokens(key_txt, batch["tokens"], batch["index"], eot_id=model.cfg.text.eot_token_id,
+                                      mask_id=mask_id, prob=ic.mask_prob), method=clip.CLIP.encode_text)
+    aux["iasc_related"] = related = in_batch_relations(p_img, p_txt)
+    terms["iasc"] = losses.lrc_loss(p_img, p_txt, losses.relation_targets(related, rc.weight), tau)
+  if lc.gsrc:
+    gc = config.gsrc
+    sims, rows, valid = identity_graph.search_neighbours(bank, img, batch["index"], gc.k, gc.threshold, mesh)
+    valid = valid & active["gsrc"]
+    nb_img, nb_txt = identity_graph.gather_rows(bank, rows, mesh)
+    edges = identity_graph.reweight_edges(sims, valid)
+    own_only = losses.relation_targets(jnp.zeros((img.shape[0],) * 2, bool), rc.weight)
+    target, cols = identity_graph.global_targets(own_only, edges)
+    loss = identity_graph.gsrc_loss(img, txt, nb_img, nb_txt, target, cols, tau)
+    terms["gsrc"] = jnp.where(active["gsrc"], loss, 0.0)
+    aux.update(gsrc_rows=rows, gsrc_valid=valid, gsrc_edges=edges)
   if not terms:
     raise ValueError("no loss is enabled in config.loss")
-  return sum(terms.values()), terms
+  return sum(terms.values()), terms, aux
 
 
-def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    loss_cfg, mesh) -> Any:
-  """Jitted (state, batch) -> (state, metrics); batch sharded over `data`, state replicated."""
+def relation_counts(aux: dict, index: jax.Array, pair_pids: jax.Array) -> dict[str, jax.Array]:
+  """Counts for relation precision/recall against the hidden ids (measurement only).
 
-  def step(state: TrainState, batch: dict[str, jax.Array]):
+  In-batch: predicted off-diagonal relations, how many are the same person, and how many
+  same-person pairs the batch holds. Global: selected neighbours, how many are the same
+  person, anchors with at least one, and the summed edge weight.
+  """
+  pids = pair_pids[index]
+  same = (pids[:, None] == pids[None, :]) & ~jnp.eye(pids.shape[0], dtype=bool)
+  counts = {"rows": jnp.asarray(pids.shape[0])}
+  for name in ("lrc", "iasc"):
+    if f"{name}_related" in aux:
+      pred = aux[f"{name}_related"] & ~jnp.eye(pids.shape[0], dtype=bool)
+      counts.update({f"{name}_pred": pred.sum(), f"{name}_hit": (pred & same).sum(), f"{name}_same": same.sum()})
+  if "gsrc_rows" in aux:
+    valid = aux["gsrc_valid"]
+    hit = valid & (pair_pids[aux["gsrc_rows"]] == pids[:, None])
+    counts.update({"gsrc_pred": valid.sum(), "gsrc_hit": hit.sum(), "gsrc_anchors": valid.any(1).sum(),
+                   "gsrc_weight": jnp.where(valid, aux["gsrc_edges"], 0.0).sum()})
+  return counts
+
+
+def summarize_relations(counts: dict[str, float]) -> dict[str, float]:
+  """Precision/recall (percent) and global-relation figures from summed `relation_counts`."""
+  out = {}
+  for name in ("lrc", "iasc", "gsrc"):
+    if f"{name}_pred" in counts:
+      out[f"{name}_relations_per_batch_row"] = counts[f"{name}_pred"] / counts["rows"]
+      out[f"{name}_precision"] = 100.0 * counts[f"{name}_hit"] / max(counts[f"{name}_pred"], 1)
+    if f"{name}_same" in counts:
+      out[f"{name}_recall"] = 100.0 * counts[f"{name}_hit"] / max(counts[f"{name}_same"], 1)
+  if "gsrc_pred" in counts:
+    out["gsrc_anchor_share"] = 100.0 * counts["gsrc_anchors"] / counts["rows"]
+    out["gsrc_mean_weight"] = counts["gsrc_weight"] / max(counts["gsrc_pred"], 1)
+  return out
+
+
+def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, schedule: optax.Schedule, config,
+                    steps_per_epoch: int, mask_id: int, state: TrainState, mesh) -> Any:
+  """Jitted (state, batch, pair_pids) -> (state, metrics, counts).
+
+  The batch is sharded over `data`; `pair_pids` [N_pad] is sharded like the banks and read
+  for measurement (and as relations under `relations.oracle`) only.
+  """
+  base_key = jax.random.key(config.seed)
+  starts = {"relations": config.relations.start_epoch, "gsrc": config.gsrc.start_epoch}
+
+  def step(state: TrainState, batch: dict[str, jax.Array], pair_pids: jax.Array):
+    key = jax.random.fold_in(base_key, state.step)
+    active = {name: state.step >= (epoch - 1) * steps_per_epoch for name, epoch in starts.items()}
+
     def loss_fn(params):
-      return compute_losses(model, params, batch, loss_cfg)
+      total, terms, aux = compute_losses(model, params, batch, key, state.bank, pair_pids, active, config,
+                                         mask_id, mesh)
+      return total, (terms, aux)
 
-    (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (total, (terms, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    bank = state.bank
+    if bank is not None:
+      bank = identity_graph.update_bank(bank, batch["index"], aux["img"], aux["txt"], config.gsrc.alpha, mesh)
     metrics = {"loss": total, **{f"loss_{k}": v for k, v in terms.items()},
                "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, bank=bank)
+    return new_state, metrics, relation_counts(aux, batch["index"], pair_pids)
 
+  shardings = state_sharding(state, mesh)
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(step, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+  return jax.jit(step, in_shardings=(shardings, data, data), out_shardings=(shardings, repl, repl),
+                 donate_argnums=0)
 
 
-def init_state(model: clip.CLIP, tx: optax.GradientTransformation, seed: int, mesh) -> TrainState:
+def init_state(model: clip.CLIP, tx: optax.GradientTransformation, seed: int, bank_rows: int, mesh) -> TrainState:
+  """Fresh parameters, optimizer state and (if `bank_rows`) an empty memory bank."""
   cfg = model.cfg
 
   def init():
     images = jnp.zeros((1, *cfg.vision.image_size, 3), jnp.float32)
     tokens = jnp.zeros((1, cfg.text.context_length), jnp.int32)
     params = model.init(jax.random.key(seed), images, tokens)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    bank = identity_graph.empty_bank(bank_rows, cfg.embed_dim) if bank_rows else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), bank=bank)
 
-  return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+  shapes = jax.eval_shape(init)
+  return jax.jit(init, out_shardings=state_sharding(shapes, mesh))()
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,7 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   model = build_model(config, tokenizer)
   tx, schedule = make_optimizer(tcfg, order.steps_per_epoch)
-  state = init_state(model, tx, config.seed, mesh)
+  bank_rows = identity_graph.padded_size(train_split.num_pairs, mesh) if config.loss.gsrc else 0
+  state = init_state(model, tx, config.seed, bank_rows, mesh)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
                                     config.checkpoint.keep)
   state = ckpt.restore(state) or state
@@ -225,29 +333,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"{clip.count_params(state.params) / 1e6:.2f}M parameters; "
           + (f"resuming at step {start_step}" if start_step else "starting"), flush=True)
 
-  train_step = make_train_step(model, tx, schedule, config.loss, mesh)
+  train_step = make_train_step(model, tx, schedule, config, order.steps_per_epoch, tokenizer.mask_id, state, mesh)
+  # Hidden ids of every training pair, sharded like the banks: measurement (and oracle) only.
+  pids = np.full(identity_graph.padded_size(train_split.num_pairs, mesh), -1, np.int32)
+  pids[:train_split.num_pairs] = train_split.pair_person_ids
+  pair_pids = jax.device_put(pids, parallel.data_sharding(mesh))
   encoders = make_encoders(model, mesh)
   batches = train_batches(train_split, order, start_step=start_step, end_step=total_steps,
                           process_index=jax.process_index(), process_count=jax.process_count(),
                           num_threads=config.data.num_threads)
   started = time.time()
-  pending: list[dict] = []
+  pending: list[tuple[dict, dict]] = []
+  epoch_counts: dict[str, float] = {}
   bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not is_main,
              desc="train", mininterval=2.0, dynamic_ncols=True)
   for step in bar:
-    state, metrics = train_step(state, parallel.to_global(next(batches), mesh))
-    pending.append(metrics)
+    state, metrics, counts = train_step(state, parallel.to_global(next(batches), mesh), pair_pids)
+    pending.append((metrics, counts))
     done = step + 1
-    if done % tcfg.log_every == 0 or done == total_steps:
-      means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+    epoch_end = done % order.steps_per_epoch == 0
+    if done % tcfg.log_every == 0 or epoch_end:
+      fetched = jax.device_get(pending)
       pending.clear()
-      record = {"kind": "train", "step": done, "epoch": done / order.steps_per_epoch, **means}
+      means = {k: float(np.mean([m[k] for m, _ in fetched])) for k in fetched[0][0]}
+      sums = {k: float(np.sum([c[k] for _, c in fetched])) for k in fetched[0][1]}
+      epoch_counts = {k: epoch_counts.get(k, 0.0) + v for k, v in sums.items()}
+      record = {"kind": "train", "step": done, "epoch": done / order.steps_per_epoch, **means,
+                **summarize_relations(sums)}
       history.append(record)
       writer.write(record)
       bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
-    epoch_end = done % order.steps_per_epoch == 0
     ckpt.save(done, state, force=epoch_end)
     epoch = done // order.steps_per_epoch
+    if epoch_end and len(epoch_counts) > 1:
+      relations = summarize_relations(epoch_counts)
+      record = {"kind": "relations", "step": done, "epoch": epoch, **relations}
+      history.append(record)
+      writer.write(record)
+      if is_main:
+        tqdm.write(f"epoch {epoch} relations (vs hidden ids): {_fmt(relations)}")
+    if epoch_end:
+      epoch_counts = {}
     if epoch_end and (epoch % config.eval.every_epochs == 0 or done == total_steps):
       metrics = evaluate_split(encoders, state.params, eval_split, mesh, config.eval.batch_size)
       record = {"kind": "eval", "step": done, "epoch": epoch, "split": eval_split.name, **metrics}

@@ -32,6 +32,9 @@ def tiny_config(data_dir: str) -> ml_collections.ConfigDict:
   c.model.embed_dim = 32
   c.model.vision.update(dict(patch_size=8, width=32, layers=1, heads=2))
   c.model.text.update(dict(width=32, layers=1, heads=2))
+  c.relations.start_epoch = 1
+  c.gsrc.start_epoch = 2  # so a two-epoch run exercises every loss
+  c.iasc.pad = 2
   c.train.batch_size = 16
   c.train.epochs = 2
   c.train.log_every = 1

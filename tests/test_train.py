@@ -8,11 +8,12 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dgia_jax import checkpointing, parallel, reporting, train
-from dgia_jax.data import datasets
+from dgia_jax import checkpointing, identity_graph, parallel, reporting, train
+from dgia_jax.data import datasets, pipeline
 from tests import helpers
 
 
@@ -103,7 +104,8 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path, data_dir):
 def _restore_latest(cfg, ckpt_dir):
   tokenizer, _ = datasets.load(cfg.data, ("test",))
   tx, _ = train.make_optimizer(cfg.train, 4)
-  template = train.init_state(train.build_model(cfg, tokenizer), tx, 0, parallel.make_mesh())
+  mesh = parallel.make_mesh()
+  template = train.init_state(train.build_model(cfg, tokenizer), tx, 0, identity_graph.padded_size(64, mesh), mesh)
   ckpt = checkpointing.Checkpointer(ckpt_dir, 1, 3)
   try:
     return ckpt.latest_step(), ckpt.restore(template)
@@ -155,3 +157,64 @@ def test_load_trained_gives_the_final_parameters(trained):
 
   metrics = evaluate.evaluate_retrieval(txt, img, splits["test"].pair_person_ids, splits["test"].person_ids)
   assert metrics["t2i"] == pytest.approx(results["final"]["t2i"], abs=1e-3)
+
+
+def _one_step(cfg, pair_pids_of):
+  """Parameters and counts after one step of the tiny config's second epoch (all losses on)."""
+  mesh = parallel.make_mesh()
+  tokenizer, splits = datasets.load(cfg.data, ("train",))
+  split = splits["train"]
+  order = pipeline.EpochOrder(split.num_pairs, cfg.train.batch_size, cfg.seed)
+  model = train.build_model(cfg, tokenizer)
+  tx, schedule = train.make_optimizer(cfg.train, order.steps_per_epoch)
+  rows = identity_graph.padded_size(split.num_pairs, mesh)
+  state = train.init_state(model, tx, cfg.seed, rows, mesh)
+  step = train.make_train_step(model, tx, schedule, cfg, order.steps_per_epoch, tokenizer.mask_id, state, mesh)
+  pids = np.full(rows, -1, np.int32)
+  pids[:split.num_pairs] = pair_pids_of(split)
+  start = order.steps_per_epoch  # epoch 2: the global loss is on
+  state = state.replace(step=jnp.asarray(start, jnp.int32))
+  batches = pipeline.train_batches(split, order, start_step=start, end_step=start + 2, num_threads=2)
+  for batch in batches:
+    state, metrics, counts = step(state, parallel.to_global(batch, mesh), jnp.asarray(pids))
+  return state, metrics, counts
+
+
+def test_losses_read_person_ids_only_as_the_oracle(tiny_config):
+  true = lambda s: s.pair_person_ids  # noqa: E731
+  shuffled = lambda s: np.random.default_rng(0).permutation(s.pair_person_ids)  # noqa: E731
+  a, metrics, _ = _one_step(tiny_config, true)
+  b, _, _ = _one_step(tiny_config, shuffled)
+  assert {"loss_itc", "loss_lrc", "loss_iasc", "loss_gsrc"} <= set(metrics) and float(metrics["loss_gsrc"]) > 0
+  for x, y in zip(jax.tree.leaves((a.params, a.bank)), jax.tree.leaves((b.params, b.bank))):
+    np.testing.assert_array_equal(x, y)
+  tiny_config.relations.oracle = True
+  c, _, counts = _one_step(tiny_config, true)
+  d, _, _ = _one_step(tiny_config, shuffled)
+  assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(c.params), jax.tree.leaves(d.params)))
+  # With true ids as the relations, every same-person pair is related and nothing else.
+  assert counts["lrc_pred"] == counts["lrc_hit"] == counts["lrc_same"]
+
+
+def test_relation_counts_hand_computed():
+  aux = {"lrc_related": jnp.array([[1, 1, 0], [1, 1, 1], [0, 1, 1]], bool),
+         "gsrc_rows": jnp.array([[3, 4], [0, 2], [4, 1]]), "gsrc_valid": jnp.array([[1, 1], [0, 0], [1, 0]], bool),
+         "gsrc_edges": jnp.array([[0.7, 0.8], [-jnp.inf, -jnp.inf], [0.6, -jnp.inf]])}
+  pair_pids = jnp.array([5, 5, 6, 5, 6])
+  counts = jax.device_get(train.relation_counts(aux, jnp.array([0, 1, 2]), pair_pids))
+  # In batch: pids 5, 5, 6. Predicted off-diagonal: (0,1), (1,0), (1,2), (2,1) -> 2 hits of 2 same.
+  assert (counts["lrc_pred"], counts["lrc_hit"], counts["lrc_same"]) == (4, 2, 2)
+  # Global: anchor 0 (pid 5) -> rows 3 (5), 4 (6); anchor 2 (pid 6) -> row 4 (6).
+  assert (counts["gsrc_pred"], counts["gsrc_hit"], counts["gsrc_anchors"]) == (3, 2, 2)
+  summary = train.summarize_relations(counts)
+  assert summary["lrc_precision"] == 50.0 and summary["lrc_recall"] == 100.0
+  assert summary["gsrc_precision"] == pytest.approx(200 / 3) and summary["gsrc_mean_weight"] == pytest.approx(0.7)
+
+
+def test_memory_bank_is_checkpointed_and_restored(trained):
+  cfg, workdir, _ = trained
+  _, restored = _restore_latest(cfg, os.path.join(workdir, "checkpoints"))
+  assert restored.bank is not None and bool(restored.bank.filled[:64].all())
+  assert restored.bank.image.sharding == parallel.data_sharding(parallel.make_mesh())
+  norms = np.linalg.norm(np.asarray(restored.bank.image)[:64], axis=1)
+  np.testing.assert_allclose(norms, 1.0, rtol=1e-5)

@@ -1,0 +1,202 @@
+"""Global granularity: banks, anchor search, edge reweighting, global loss, and their sharding."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from dgia_jax import identity_graph as ig
+from dgia_jax import losses, parallel
+from tests import helpers
+
+
+def unit(x):
+  x = np.asarray(x, np.float32)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return parallel.make_mesh()
+
+
+def filled_bank(feats_img, feats_txt, mesh):
+  n = len(feats_img)
+  bank = ig.empty_bank(ig.padded_size(n, mesh), feats_img.shape[1])
+  return ig.update_bank(bank, jnp.arange(n), jnp.asarray(feats_img), jnp.asarray(feats_txt), 0.9, mesh)
+
+
+# ---- reweight_edges: properties ------------------------------------------------------------
+
+finite = st.floats(-1.0, 1.0, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(finite, st.booleans()), min_size=1, max_size=6))
+def test_edge_weights_finite_where_valid_and_minus_inf_elsewhere(entries):
+  sims = jnp.asarray([[s for s, _ in entries]], jnp.float32)
+  valid = jnp.asarray([[v for _, v in entries]])
+  w = np.asarray(ig.reweight_edges(sims, valid))[0]
+  v = np.asarray(valid)[0]
+  assert np.isfinite(w[v]).all() and (w[v] > 0).all() and (w[v] < 1).all()
+  assert np.isneginf(w[~v]).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(finite, min_size=2, max_size=6, unique=True))
+def test_edge_weights_decrease_as_similarity_increases(sims):
+  w = np.asarray(ig.reweight_edges(jnp.asarray([sims], jnp.float32), jnp.ones((1, len(sims)), bool)))[0]
+  order = np.argsort(sims)
+  assert (np.diff(w[order]) <= 1e-7).all()
+
+
+def test_edge_weights_hand_computed():
+  w = ig.reweight_edges(jnp.array([[0.9, 0.8, 0.5]]), jnp.array([[True, True, False]]))
+  denom = np.exp(1.0) + np.exp(0.9) + np.exp(0.8)
+  np.testing.assert_allclose(w[0, :2], [1 - np.exp(0.9) / denom, 1 - np.exp(0.8) / denom], rtol=1e-6)
+  assert np.isneginf(w[0, 2])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_anchor_without_neighbours_reduces_to_the_local_target(b, k, seed):
+  rng = np.random.default_rng(seed)
+  valid = rng.random((b, k)) < 0.5
+  valid[0] = False
+  edges = ig.reweight_edges(jnp.asarray(rng.uniform(0.7, 1.0, (b, k)), jnp.float32), jnp.asarray(valid))
+  local = losses.relation_targets(jnp.asarray(rng.random((b, b)) < 0.3), 0.1)
+  target, cols = ig.global_targets(local, edges)
+  assert target.shape == (b, b + b * k)
+  np.testing.assert_array_equal(target[0, :b], local[0])
+  assert np.isneginf(np.asarray(target[0, b:])).all()
+  # Anchor i relates only to its own neighbours, with their weights.
+  for i in range(b):
+    own = np.asarray(target[i, b + i * k: b + (i + 1) * k])
+    np.testing.assert_array_equal(own, np.asarray(edges[i]))
+  np.testing.assert_array_equal(np.asarray(cols[:, b:]), np.broadcast_to(valid.reshape(-1), (b, b * k)))
+
+
+# ---- banks and search ------------------------------------------------------------------------
+
+def test_bank_first_write_then_ema(mesh):
+  rng = np.random.default_rng(0)
+  a, b = unit(rng.normal(size=(3, 4))), unit(rng.normal(size=(3, 4)))
+  bank = ig.empty_bank(ig.padded_size(5, mesh), 4)
+  bank = ig.update_bank(bank, jnp.array([4, 0, 2]), jnp.asarray(a), jnp.asarray(b), 0.9, mesh)
+  np.testing.assert_array_equal(np.asarray(bank.filled)[:5], [True, False, True, False, True])
+  np.testing.assert_allclose(bank.image[4], a[0], rtol=1e-6)
+  np.testing.assert_allclose(bank.text[2], b[2], rtol=1e-6)
+  assert not np.asarray(bank.image[1]).any()
+  c = unit(rng.normal(size=(1, 4)))
+  bank = ig.update_bank(bank, jnp.array([4]), jnp.asarray(c), jnp.asarray(c), 0.9, mesh)
+  np.testing.assert_allclose(bank.image[4], unit(0.9 * c[0] + 0.1 * a[0]), rtol=1e-5)
+
+
+def test_search_skips_itself_and_unfilled_rows_and_thresholds(mesh):
+  rng = np.random.default_rng(1)
+  feats = unit(rng.normal(size=(10, 6)))
+  bank = filled_bank(feats[:8], feats[:8], mesh)  # rows 8, 9 never filled
+  anchors = feats[[0, 3]]
+  sims, rows, valid = ig.search_neighbours(bank, jnp.asarray(anchors), jnp.array([0, 3]), 3, 0.2, mesh)
+  ref = anchors @ feats[:8].T
+  ref[0, 0] = ref[1, 3] = -np.inf
+  np.testing.assert_array_equal(rows, np.argsort(-ref, axis=1, kind="stable")[:, :3])
+  np.testing.assert_allclose(sims, np.sort(ref, axis=1)[:, ::-1][:, :3], rtol=1e-5)
+  np.testing.assert_array_equal(valid, np.asarray(sims) >= 0.2)
+
+
+def test_gather_rows_returns_bank_features(mesh):
+  rng = np.random.default_rng(2)
+  img, txt = unit(rng.normal(size=(7, 4))), unit(rng.normal(size=(7, 4)))
+  bank = filled_bank(img, txt, mesh)
+  rows = jnp.array([[6, 0], [3, 3]])
+  g_img, g_txt = ig.gather_rows(bank, rows, mesh)
+  np.testing.assert_allclose(g_img, img[np.asarray(rows)], rtol=1e-6)
+  np.testing.assert_allclose(g_txt, txt[np.asarray(rows)], rtol=1e-6)
+
+
+def test_global_loss_matches_the_formula():
+  rng = np.random.default_rng(3)
+  b, k, d, tau = 3, 2, 5, 0.1
+  img, txt = unit(rng.normal(size=(b, d))), unit(rng.normal(size=(b, d)))
+  nb_img, nb_txt = unit(rng.normal(size=(b, k, d))), unit(rng.normal(size=(b, k, d)))
+  valid = np.array([[True, False], [True, True], [False, False]])
+  edges = ig.reweight_edges(jnp.asarray(rng.uniform(0.7, 1, (b, k)), jnp.float32), jnp.asarray(valid))
+  local = losses.relation_targets(jnp.zeros((b, b), bool), 0.1)
+  target, cols = ig.global_targets(local, edges)
+  got = float(ig.gsrc_loss(jnp.asarray(img), jnp.asarray(txt), jnp.asarray(nb_img), jnp.asarray(nb_txt),
+                           target, cols, tau))
+
+  def direction(rows, cols_own, cols_bank):
+    total = 0.0
+    keep = valid.reshape(-1)
+    for i in range(b):
+      logits = np.concatenate([rows[i] @ cols_own.T, (rows[i] @ cols_bank.reshape(-1, d).T)[keep]]) / tau
+      t = np.concatenate([np.asarray(target[i, :b]), np.asarray(target[i, b:])[keep]])
+      p = np.exp(logits - logits.max())
+      p /= p.sum()
+      q = np.exp(t - t[np.isfinite(t)].max())
+      q /= q.sum()
+      total += np.sum(p * (np.log(p) - np.log(q + 1e-8)))
+    return total / b
+
+  expected = direction(txt, img, nb_img) + direction(img, txt, nb_txt)
+  assert got == pytest.approx(expected, rel=1e-4)
+
+
+# ---- sharding: 8 devices equal 1, and the bank is never gathered ---------------------------
+
+_SHARDED = """
+import numpy as np, jax, jax.numpy as jnp
+from dgia_jax import identity_graph as ig, losses, parallel
+mesh = parallel.make_mesh()
+rng = np.random.default_rng(0)
+n, b, d, k = 37, 8, 16, 3
+unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+bank_img, bank_txt = unit(rng.normal(size=(n, d))).astype(np.float32), unit(rng.normal(size=(n, d))).astype(np.float32)
+bank = ig.empty_bank(ig.padded_size(n, mesh), d)
+bank = jax.device_put(bank, parallel.data_sharding(mesh))
+bank = ig.update_bank(bank, jnp.arange(n), jnp.asarray(bank_img), jnp.asarray(bank_txt), 0.9, mesh)
+index = jnp.asarray(rng.choice(n, b, replace=False))
+img = jnp.asarray(unit(bank_img[np.asarray(index)] + 0.3 * rng.normal(size=(b, d))), jnp.float32)
+txt = jnp.asarray(unit(rng.normal(size=(b, d))), jnp.float32)
+
+def step(bank, img, txt, index):
+  sims, rows, valid = ig.search_neighbours(bank, img, index, k, 0.45, mesh)
+  nb_img, nb_txt = ig.gather_rows(bank, rows, mesh)
+  target, cols = ig.global_targets(losses.relation_targets(jnp.zeros((b, b), bool), 0.1),
+                                   ig.reweight_edges(sims, valid))
+  loss_fn = lambda i, t: ig.gsrc_loss(i, t, nb_img, nb_txt, target, cols, 0.02)
+  loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(img, txt)
+  new = ig.update_bank(bank, index, img, txt, 0.9, mesh)
+  return sims, rows, valid, loss, grads, new
+
+jitted = jax.jit(step)
+sims, rows, valid, loss, grads, new = jitted(bank, img, txt, index)
+hlo = jitted.lower(bank, img, txt, index).compile().as_text()
+gathers = [l for l in hlo.splitlines() if "all-gather" in l and "=" in l]
+padded = ig.padded_size(n, mesh)
+assert not any(f"[{padded},{d}]" in l for l in gathers), gathers
+np.savez(OUT_PATH, sims=sims, rows=rows, valid=valid, loss=loss, g_img=grads[0], g_txt=grads[1],
+         image=np.asarray(new.image)[:n], text=np.asarray(new.text)[:n], filled=np.asarray(new.filled)[:n],
+         devices=jax.device_count(), shard=np.asarray(new.image.addressable_shards[0].data.shape))
+"""
+
+
+def test_sharded_search_loss_grads_and_update_equal_one_device(tmp_path):
+  results = {}
+  for devices in (1, 8):
+    out = str(tmp_path / f"d{devices}.npz")
+    helpers.run_python(_SHARDED.replace("OUT_PATH", repr(out)), devices=devices)
+    results[devices] = dict(np.load(out))
+  one, eight = results[1], results[8]
+  assert int(eight["devices"]) == 8 and tuple(eight["shard"]) == (40 // 8, 16)  # 37 rows padded to 40
+  np.testing.assert_array_equal(eight["rows"], one["rows"])
+  np.testing.assert_array_equal(eight["valid"], one["valid"])
+  np.testing.assert_array_equal(eight["filled"], one["filled"])
+  for key in ("sims", "loss", "g_img", "g_txt", "image", "text"):
+    np.testing.assert_allclose(eight[key], one[key], atol=1e-5, err_msg=key)
+  assert one["valid"].any() and not one["valid"].all()
