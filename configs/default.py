@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.b2 = 0.999
   c.train.eps = 1e-8
   c.train.grad_clip = 0.0
+  c.train.on_nonfinite = "skip"  # a step with non-finite loss/gradients: "skip" it (counted) or "stop"
   c.train.log_every = 10
 
   c.eval = ml_collections.ConfigDict()

@@ -15,6 +15,7 @@ class Checkpointer:
   def __init__(self, directory: str, every_steps: int, keep: int, async_save: bool = True):
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
+        item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=every_steps, max_to_keep=keep, create=True,
             cleanup_tmp_directories=True, enable_async_checkpointing=async_save))
@@ -31,11 +32,17 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def restore_raw(self, step: int | None = None):
-    """Checkpoint `step` (default: latest) as saved: nested dicts of host arrays, no template."""
+    """Checkpoint `step` (default: latest) as nested dicts of arrays on this process's first device.
+
+    Needs no template and works whatever the topology that saved it (inference, export).
+    """
     step = self._manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self._manager.directory}")
-    return step, self._manager.restore(step, args=ocp.args.StandardRestore())
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            self._manager.item_metadata(step))
+    return step, self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def save(self, step: int, state, force: bool = False) -> bool:
     return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)

@@ -9,12 +9,19 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dgia_jax import train
+from dgia_jax import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
+_DISTRIBUTED_AUTO = flags.DEFINE_bool("distributed_auto", False,
+                                      "Let JAX detect the cluster (SLURM, Open MPI, Cloud TPU, ...).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the run saved a checkpoint and can be resumed
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -33,7 +40,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  _DISTRIBUTED_AUTO.value)
+  try:
+    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.Preempted:
+    sys.exit(PREEMPTED_EXIT_CODE)
   final = results["final"]
   print(f"final ({final['split']}, epoch {final['epoch']}): text→image "
         + " ".join(f"{k}={v:.2f}" for k, v in final["t2i"].items()))

@@ -10,6 +10,42 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
+                           auto: bool = False) -> None:
+  """Joins JAX's distributed runtime (one call per process, before any computation).
+
+  With `coordinator_address`, `num_processes` and `process_id` the cluster is explicit;
+  with `auto`, JAX detects it (SLURM, Open MPI, Cloud TPU, ...). CPU processes talk over
+  gloo. Does nothing when neither is given.
+  """
+  if coordinator_address:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ValueError(f"--coordinator_address needs --num_processes >= 1 and 0 <= --process_id < num_processes; "
+                       f"got num_processes={num_processes}, process_id={process_id}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif auto:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize()
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (a collective: call it on all processes)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def global_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from a host array every process holds whole."""
+  return jax.make_array_from_callback(values.shape, sharding, lambda idx: values[idx])
+
+
 def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
 

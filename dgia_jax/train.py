@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -179,7 +181,8 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, schedule
   """Jitted (state, batch, pair_pids) -> (state, metrics, counts).
 
   The batch is sharded over `data`; `pair_pids` [N_pad] is sharded like the banks and read
-  for measurement (and as relations under `relations.oracle`) only.
+  for measurement (and as relations under `relations.oracle`) only. A step whose loss or
+  gradients are not finite changes nothing but the step counter and reports `skipped = 1`.
   """
   base_key = jax.random.key(config.seed)
   starts = {"relations": config.relations.start_epoch, "gsrc": config.gsrc.start_epoch}
@@ -199,10 +202,16 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, schedule
     bank = state.bank
     if bank is not None:
       bank = identity_graph.update_bank(bank, batch["index"], aux["img"], aux["txt"], config.gsrc.alpha, mesh)
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss or gradient skips the update: parameters, moments and banks stay as they were.
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state), bank=keep(bank, state.bank))
     metrics = {"loss": total, **{f"loss_{k}": v for k, v in terms.items()},
-               "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, bank=bank)
-    return new_state, metrics, relation_counts(aux, batch["index"], pair_pids)
+               "lr": schedule(state.step), "grad_norm": grad_norm}
+    counts = {**relation_counts(aux, batch["index"], pair_pids), "skipped": 1 - finite.astype(jnp.int32)}
+    return new_state, metrics, counts
 
   shardings = state_sharding(state, mesh)
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
@@ -265,6 +274,23 @@ def evaluate_split(encoders, params, split: Split, mesh, global_batch: int) -> d
 # Train and evaluate
 # ---------------------------------------------------------------------------------------
 
+class Preempted(Exception):
+  """Training stopped on SIGTERM after saving a checkpoint at step `args[0]`."""
+
+
+class _SigtermFlag:
+  """Records SIGTERM instead of dying, so the loop can save and stop at a step boundary."""
+
+  def __init__(self):
+    self.raised = False
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+
 def build_model(config: ml_collections.ConfigDict, tokenizer) -> clip.CLIP:
   return clip.CLIP(clip.config_from_dict(config.model, tuple(config.data.image_size), tokenizer.vocab_size,
                                          tokenizer.eot_id, tokenizer.context_length))
@@ -300,6 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Writes `metrics.jsonl`, `curves.png` and `results.json` to `workdir` and returns the results.
   """
   tcfg = config.train
+  if tcfg.on_nonfinite not in ("skip", "stop"):
+    raise ValueError(f"train.on_nonfinite must be 'skip' or 'stop', got {tcfg.on_nonfinite!r}")
   mesh = parallel.make_mesh()
   parallel.check_divisible(tcfg.batch_size, mesh)
   parallel.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
@@ -309,7 +337,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
 
-  tokenizer, splits = datasets.load(config.data, (config.data.train_split, config.data.eval_split))
+  splits_needed = (config.data.train_split, config.data.eval_split)
+  if not is_main:  # process 0 prepares missing data; the others wait, then read it
+    parallel.barrier("data prepared")
+  tokenizer, splits = datasets.load(config.data, splits_needed)
+  if is_main:
+    parallel.barrier("data prepared")
   train_split, eval_split = splits[config.data.train_split], splits[config.data.eval_split]
   order = EpochOrder(train_split.num_pairs, tcfg.batch_size, config.seed)
   if order.steps_per_epoch == 0:
@@ -337,7 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Hidden ids of every training pair, sharded like the banks: measurement (and oracle) only.
   pids = np.full(identity_graph.padded_size(train_split.num_pairs, mesh), -1, np.int32)
   pids[:train_split.num_pairs] = train_split.pair_person_ids
-  pair_pids = jax.device_put(pids, parallel.data_sharding(mesh))
+  pair_pids = parallel.global_array(pids, parallel.data_sharding(mesh))
   encoders = make_encoders(model, mesh)
   batches = train_batches(train_split, order, start_step=start_step, end_step=total_steps,
                           process_index=jax.process_index(), process_count=jax.process_count(),
@@ -345,6 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   started = time.time()
   pending: list[tuple[dict, dict]] = []
   epoch_counts: dict[str, float] = {}
+  sigterm = _SigtermFlag()
   bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not is_main,
              desc="train", mininterval=2.0, dynamic_ncols=True)
   for step in bar:
@@ -359,10 +393,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       sums = {k: float(np.sum([c[k] for _, c in fetched])) for k in fetched[0][1]}
       epoch_counts = {k: epoch_counts.get(k, 0.0) + v for k, v in sums.items()}
       record = {"kind": "train", "step": done, "epoch": done / order.steps_per_epoch, **means,
-                **summarize_relations(sums)}
+                **summarize_relations(sums), "skipped_steps": int(sums["skipped"])}
       history.append(record)
       writer.write(record)
       bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
+      if sums["skipped"] and tcfg.on_nonfinite == "stop":
+        raise FloatingPointError(f"non-finite loss or gradients in {int(sums['skipped'])} of steps "
+                                 f"{done - len(fetched) + 1}..{done} (updates skipped; the last checkpoint is intact). "
+                                 "Set --config.train.on_nonfinite=skip to skip such steps and go on.")
+    # SIGTERM (preemption): all processes agree on a step (a collective, so only every
+    # `log_every` steps when there are several), save it, and stop.
+    check_now = jax.process_count() == 1 or done % tcfg.log_every == 0
+    if check_now and parallel.any_process(sigterm.raised):
+      ckpt.save(done, state, force=True)
+      ckpt.close()
+      bar.close()
+      if is_main:
+        print(f"dgia-jax: SIGTERM: saved step {done} and stopped; rerun the same command to resume", flush=True)
+      raise Preempted(done)
     ckpt.save(done, state, force=epoch_end)
     epoch = done // order.steps_per_epoch
     if epoch_end and len(epoch_counts) > 1:
