@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import matplotlib
@@ -46,13 +47,14 @@ def plot_curves(records: list[dict], path: str, title: str = "") -> None:
   fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
   loss_keys = sorted({k for r in train for k in r if k.startswith("loss")})
   for key in loss_keys:
-    pts = [(r["step"], r[key]) for r in train if key in r]
-    ax_loss.plot(*zip(*pts), label=key)
+    pts = [(r["step"], r[key]) for r in train if key in r and math.isfinite(r[key]) and r[key] > 0]
+    if pts:
+      ax_loss.plot(*zip(*pts), label=key)
   ax_loss.set_xlabel("step")
   ax_loss.set_ylabel("loss")
   ax_loss.set_yscale("log")
   ax_loss.grid(alpha=0.3)
-  if loss_keys:
+  if ax_loss.lines:
     ax_loss.legend()
   for split in sorted({r["split"] for r in evals}):
     rows = [r for r in evals if r["split"] == split]
