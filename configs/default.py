@@ -25,6 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""  # "" = the tokenizer saved beside the data
   c.data.train_split = "train"
   c.data.eval_split = "test"
+  # Model selection happens on validation identities, never on the test split: the data
+  # set's own val split, or (holdout_val_ids > 0) that many identities held out of train.
+  c.data.val_split = "val"
+  c.data.holdout_val_ids = 0
+  c.data.holdout_seed = 0
   c.data.num_threads = 4
 
   c.model = presets.small()
@@ -79,6 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
   c.eval.every_epochs = 1
+  c.eval.select_metric = "R1"  # text→image metric that picks the best-on-val epoch
+  c.eval.test_each_epoch = True  # test curves for plots; never used to select
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 200

@@ -274,6 +274,68 @@ def evaluate_split(encoders, params, split: Split, mesh, global_batch: int) -> d
 # Train and evaluate
 # ---------------------------------------------------------------------------------------
 
+class EpochEvaluator:
+  """Evaluation after epochs, with model selection on validation identities only.
+
+  The validation split picks the best epoch (`eval.select_metric`, text→image); its
+  parameters are kept in `workdir/best`. The test split is evaluated for the curves
+  (`eval.test_each_epoch`) and for the final figures, never to select.
+  """
+
+  def __init__(self, config, workdir: str, encoders, val: Split | None, test: Split, mesh, history: list[dict],
+               writer: reporting.MetricWriter):
+    self._config, self._workdir, self._encoders, self._mesh = config, workdir, encoders, mesh
+    self._val, self._test, self._history, self._writer = val, test, history, writer
+    self._best = checkpointing.Checkpointer(os.path.join(workdir, "best"), 1, 1, async_save=False)
+
+  def _evaluate(self, params, split: Split, epoch: int, step: int) -> dict:
+    metrics = evaluate_split(self._encoders, params, split, self._mesh, self._config.eval.batch_size)
+    record = {"kind": "eval", "step": step, "epoch": epoch, "split": split.name, **metrics}
+    self._history.append(record)
+    self._writer.write(record)
+    if jax.process_index() == 0:
+      tqdm.write(f"epoch {epoch} {split.name}: t2i {_fmt(metrics['t2i'])} | i2t {_fmt(metrics['i2t'])}")
+    return record
+
+  def _records(self, split: Split) -> list[dict]:
+    return [r for r in self._history if r["kind"] == "eval" and r["split"] == split.name]
+
+  def _score(self, record: dict) -> float:
+    return record["t2i"][self._config.eval.select_metric]
+
+  def after_epoch(self, epoch: int, step: int, params, last: bool) -> None:
+    if self._val is not None:
+      earlier = self._records(self._val)
+      record = self._evaluate(params, self._val, epoch, step)
+      if not earlier or self._score(record) > max(map(self._score, earlier)):
+        self._best.save(step, {"params": params}, force=True)
+    if self._config.eval.test_each_epoch or last:
+      self._evaluate(params, self._test, epoch, step)
+    if jax.process_index() == 0:
+      reporting.plot_curves(self._history, os.path.join(self._workdir, CURVES_FILE),
+                            title=self._config.get("name", ""))
+
+  def results(self, params, total_steps: int, epochs: int) -> dict:
+    """`final` (last epoch, test) and `best_val` (best-on-val epoch, its val and test figures)."""
+    tests = {r["step"]: r for r in self._records(self._test)}
+    if total_steps not in tests:  # resumed after the last evaluation was lost
+      tests[total_steps] = self._evaluate(params, self._test, epochs, total_steps)
+    out = {"final": {k: tests[total_steps][k] for k in ("epoch", "split", "t2i", "i2t")},
+           "evaluations": [r for r in self._history if r["kind"] == "eval"]}
+    if self._val is not None and self._records(self._val):
+      best = max(self._records(self._val), key=self._score)
+      if best["step"] not in tests:
+        _, raw = self._best.restore_raw(best["step"])
+        tests[best["step"]] = self._evaluate(raw["params"], self._test, best["epoch"], best["step"])
+      out["best_val"] = {"epoch": best["epoch"], "select_metric": f"t2i {self._config.eval.select_metric}",
+                         "val": {k: best[k] for k in ("t2i", "i2t")},
+                         "test": {k: tests[best["step"]][k] for k in ("t2i", "i2t")}}
+    return out
+
+  def close(self) -> None:
+    self._best.close()
+
+
 class Preempted(Exception):
   """Training stopped on SIGTERM after saving a checkpoint at step `args[0]`."""
 
@@ -337,13 +399,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
 
-  splits_needed = (config.data.train_split, config.data.eval_split)
+  dcfg = config.data
+  splits_needed = (dcfg.train_split, dcfg.eval_split) + ((dcfg.val_split,) if dcfg.val_split else ())
   if not is_main:  # process 0 prepares missing data; the others wait, then read it
     parallel.barrier("data prepared")
-  tokenizer, splits = datasets.load(config.data, splits_needed)
+  tokenizer, splits = datasets.load(dcfg, splits_needed)
   if is_main:
     parallel.barrier("data prepared")
-  train_split, eval_split = splits[config.data.train_split], splits[config.data.eval_split]
+  train_split = splits[dcfg.train_split]
   order = EpochOrder(train_split.num_pairs, tcfg.batch_size, config.seed)
   if order.steps_per_epoch == 0:
     raise ValueError(f"train.batch_size={tcfg.batch_size} exceeds the {train_split.num_pairs} training pairs")
@@ -371,7 +434,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pids = np.full(identity_graph.padded_size(train_split.num_pairs, mesh), -1, np.int32)
   pids[:train_split.num_pairs] = train_split.pair_person_ids
   pair_pids = parallel.global_array(pids, parallel.data_sharding(mesh))
-  encoders = make_encoders(model, mesh)
+  evaluator = EpochEvaluator(config, workdir, make_encoders(model, mesh), splits.get(dcfg.val_split),
+                             splits[dcfg.eval_split], mesh, history, writer)
   batches = train_batches(train_split, order, start_step=start_step, end_step=total_steps,
                           process_index=jax.process_index(), process_count=jax.process_count(),
                           num_threads=config.data.num_threads)
@@ -423,25 +487,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if epoch_end:
       epoch_counts = {}
     if epoch_end and (epoch % config.eval.every_epochs == 0 or done == total_steps):
-      metrics = evaluate_split(encoders, state.params, eval_split, mesh, config.eval.batch_size)
-      record = {"kind": "eval", "step": done, "epoch": epoch, "split": eval_split.name, **metrics}
-      history.append(record)
-      writer.write(record)
-      if is_main:
-        tqdm.write(f"epoch {epoch} {eval_split.name}: t2i {_fmt(metrics['t2i'])} | i2t {_fmt(metrics['i2t'])}")
-        reporting.plot_curves(history, os.path.join(workdir, CURVES_FILE), title=config.get("name", ""))
+      evaluator.after_epoch(epoch, done, state.params, last=done == total_steps)
   bar.close()
   ckpt.close()
 
-  evals = [r for r in history if r["kind"] == "eval"]
-  if not evals or evals[-1]["step"] != total_steps:  # resumed after the last evaluation was lost
-    metrics = evaluate_split(encoders, state.params, eval_split, mesh, config.eval.batch_size)
-    evals.append({"kind": "eval", "step": total_steps, "epoch": tcfg.epochs, "split": eval_split.name, **metrics})
-    history.append(evals[-1])
-    writer.write(evals[-1])
   results = {
-      "final": {k: evals[-1][k] for k in ("epoch", "split", "t2i", "i2t")},
-      "evaluations": evals,
+      **evaluator.results(state.params, total_steps, tcfg.epochs),
       "steps": total_steps,
       "train_seconds_this_run": time.time() - started,
       "devices": jax.device_count(),
@@ -454,4 +505,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       json.dump(results, f, indent=1, default=str)
     os.replace(tmp, os.path.join(workdir, RESULTS_FILE))
     reporting.plot_curves(history, os.path.join(workdir, CURVES_FILE), title=config.get("name", ""))
+  evaluator.close()
   return results

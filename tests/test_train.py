@@ -24,9 +24,9 @@ def trained(tmp_path_factory, data_dir):
   return cfg, workdir, train.train_and_evaluate(cfg, workdir)
 
 
-def _records(workdir, kind):
+def _records(workdir, kind, split=None):
   with open(os.path.join(workdir, reporting.METRICS_FILE)) as f:
-    return [r for r in map(json.loads, f) if r["kind"] == kind]
+    return [r for r in map(json.loads, f) if r["kind"] == kind and split in (None, r.get("split"))]
 
 
 def test_writes_results_curves_and_metrics(trained):
@@ -35,7 +35,8 @@ def test_writes_results_curves_and_metrics(trained):
     saved = json.load(f)
   assert saved["final"] == results["final"]
   assert set(results["final"]["t2i"]) == {"R1", "R5", "R10", "mAP", "mINP"}
-  assert [r["epoch"] for r in _records(workdir, "eval")] == [1, 2]
+  assert [r["epoch"] for r in _records(workdir, "eval", "test")] == [1, 2]
+  assert [r["epoch"] for r in _records(workdir, "eval", "val")] == [1, 2]
   losses = [r["loss"] for r in _records(workdir, "train")]
   assert len(losses) == results["steps"] == 2 * (64 // 16) and all(np.isfinite(losses))
   with open(os.path.join(workdir, train.CURVES_FILE), "rb") as f:
@@ -48,7 +49,7 @@ def test_resume_continues_from_the_latest_checkpoint(trained, capsys):
   results = train.train_and_evaluate(cfg, workdir)
   assert "resuming at step 8" in capsys.readouterr().out
   assert results["steps"] == 12
-  assert [r["epoch"] for r in _records(workdir, "eval")] == [1, 2, 3]
+  assert [r["epoch"] for r in _records(workdir, "eval", "test")] == [1, 2, 3]
   steps = [r["step"] for r in _records(workdir, "train")]
   assert steps == list(range(1, 13))
 
@@ -218,3 +219,40 @@ def test_memory_bank_is_checkpointed_and_restored(trained):
   assert restored.bank.image.sharding == parallel.data_sharding(parallel.make_mesh())
   norms = np.linalg.norm(np.asarray(restored.bank.image)[:64], axis=1)
   np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+
+
+def test_best_epoch_is_selected_on_validation_identities_only(trained):
+  cfg, workdir, _ = trained
+  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+    results = json.load(f)
+  vals = _records(workdir, "eval", "val")
+  best = max(vals, key=lambda r: r["t2i"]["R1"])
+  assert results["best_val"]["epoch"] == best["epoch"] and results["best_val"]["val"]["t2i"] == best["t2i"]
+  test_at_best = next(r for r in _records(workdir, "eval", "test") if r["step"] == best["step"])
+  assert results["best_val"]["test"]["t2i"] == test_at_best["t2i"]
+  step, _ = checkpointing.Checkpointer(os.path.join(workdir, "best"), 1, 1).restore_raw()
+  assert step == best["step"]
+
+
+def test_without_test_curves_the_best_epoch_is_evaluated_from_its_checkpoint(tmp_path, tiny_config):
+  tiny_config.eval.test_each_epoch = False
+  tiny_config.train.epochs = 3
+  results = train.train_and_evaluate(tiny_config, str(tmp_path))
+  tests = _records(str(tmp_path), "eval", "test")
+  assert tests[0]["epoch"] == 3 and tests[0]["step"] == 12  # the last epoch, always evaluated
+  best = results["best_val"]
+  assert best["test"]["t2i"] == next(r for r in tests if r["epoch"] == best["epoch"])["t2i"]
+
+
+def test_identities_held_out_of_train_become_the_validation_split(tiny_config):
+  tiny_config.data.holdout_val_ids = 3
+  _, splits = datasets.load(tiny_config.data, ("train", "val"))
+  train_ids, val_ids = set(splits["train"].person_ids), set(splits["val"].person_ids)
+  assert len(val_ids) == 3 and not train_ids & val_ids and len(train_ids) == 13
+  assert splits["val"].num_pairs == 3 * 2 * 2 and splits["train"].num_pairs == 13 * 2 * 2
+  full = datasets.load(helpers.tiny_config(tiny_config.data.data_dir).data, ("train",))[1]["train"]
+  held = np.flatnonzero(np.isin(full.person_ids, list(val_ids)))
+  np.testing.assert_array_equal(splits["val"].load_image(0), full.load_image(int(held[0])))
+  held_pairs = np.isin(full.pair_record, held)
+  np.testing.assert_array_equal(splits["val"].tokens, full.tokens[held_pairs])
+  np.testing.assert_array_equal(splits["val"].pair_person_ids, full.pair_person_ids[held_pairs])
