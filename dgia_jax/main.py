@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dgia_jax import parallel, train
+from dgia_jax import cli, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
                                           lock_config=True)
@@ -22,18 +22,6 @@ _DISTRIBUTED_AUTO = flags.DEFINE_bool("distributed_auto", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the run saved a checkpoint and can be resumed
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that reports a bad `--config.*` override in one line, not a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # ml_collections' way of saying "no such key"
-    key = str(e).strip("\"'")
-    culprit = next((a for a in argv[1:] if a.startswith("--config.") and key.split("'")[0] in a), "a --config flag")
-    sys.exit(f"error: unknown config key {key!r} in {culprit}")
-  except flags.Error as e:
-    sys.exit(f"error: {e}")
 
 
 def main(argv):
@@ -52,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,174 @@
+"""Ablation runner: every row is a set of config switches of the same trainer.
+
+  python -m dgia_jax.ablate --config configs/default.py --workdir runs/ablation \
+      --rows itc,lrc,gsrc,lrc+gsrc,full,oracle --seeds 3
+
+Each (row, seed) trains in `workdir/<row>/seed<k>` with identical data and schedule; `seed`
+sets initialisation, data order and perturbations, and is the same across rows. Finished
+runs are skipped and interrupted ones resume, so the command can simply be rerun. Writes
+`ablation.md` (mean ± std over seeds of text→image Rank-1/5/10, mAP, mINP, for the last
+epoch and for the best-on-validation epoch, with wall time and relation precision),
+`ablation.json` and `ablation.png` into the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dgia_jax import cli, reporting, train  # noqa: E402
+
+_LOSSES_OFF = {"loss.lrc": False, "loss.iasc": False, "loss.gsrc": False}
+ROWS: dict[str, dict[str, object]] = {
+    "itc": dict(_LOSSES_OFF),
+    "lrc": {**_LOSSES_OFF, "loss.lrc": True},
+    "iasc": {**_LOSSES_OFF, "loss.iasc": True},
+    "gsrc": {**_LOSSES_OFF, "loss.gsrc": True},
+    "lrc+gsrc": {**_LOSSES_OFF, "loss.lrc": True, "loss.gsrc": True},
+    "full": {"loss.lrc": True, "loss.iasc": True, "loss.gsrc": True},
+    # Supervised upper bound (measurement only): the full method with true ids as in-batch relations.
+    "oracle": {"loss.lrc": True, "loss.iasc": True, "loss.gsrc": True, "relations.oracle": True},
+}
+METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+TIME_FILE = "wall_seconds.json"
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every run of the ablation and its report.")
+_ROWS = flags.DEFINE_list("rows", ["itc", "lrc", "gsrc", "lrc+gsrc", "full", "oracle"],
+                          f"Rows to run, from {sorted(ROWS)}.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per row (0 .. seeds-1).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def row_config(config, row: str, seed: int):
+  """A copy of `config` with the switches of `row` and `seed`."""
+  if row not in ROWS:
+    raise ValueError(f"unknown ablation row '{row}'; known: {sorted(ROWS)}")
+  c = config.copy_and_resolve_references()
+  c.unlock()
+  for path, value in ROWS[row].items():
+    section, key = path.split(".")
+    c[section][key] = value
+  c.seed = seed
+  c.name = f"{config.get('name', 'run')} {row} seed {seed}"
+  return c
+
+
+def run_one(config, workdir: str) -> dict:
+  """Trains one (row, seed) unless its results exist; returns results with its wall time."""
+  results_path = os.path.join(workdir, train.RESULTS_FILE)
+  time_path = os.path.join(workdir, TIME_FILE)
+  if not os.path.exists(results_path):
+    spent = json.load(open(time_path))["seconds"] if os.path.exists(time_path) else 0.0
+    started = time.time()
+    train.train_and_evaluate(config, workdir)
+    with open(time_path, "w") as f:
+      json.dump({"seconds": spent + time.time() - started}, f)
+  with open(results_path) as f:
+    results = json.load(f)
+  with open(time_path) as f:
+    results["wall_seconds"] = json.load(f)["seconds"]
+  with open(os.path.join(workdir, reporting.METRICS_FILE)) as f:
+    relations = [r for r in map(json.loads, f) if r["kind"] == "relations"]
+  results["relations"] = relations[-1] if relations else {}
+  return results
+
+
+def summarize(per_row: dict[str, list[dict]]) -> dict:
+  """Mean and std over seeds of every figure the report shows."""
+  def stats(values):
+    values = np.asarray(values, np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+
+  out = {}
+  for row, runs in per_row.items():
+    out[row] = {
+        "seeds": len(runs),
+        "last": {m: stats([r["final"]["t2i"][m] for r in runs]) for m in METRICS},
+        "best_val": {m: stats([r["best_val"]["test"]["t2i"][m] for r in runs]) for m in METRICS}
+        if all("best_val" in r for r in runs) else None,
+        "wall_seconds": stats([r["wall_seconds"] for r in runs]),
+        "relations": {k: stats([r["relations"][k] for r in runs])
+                      for k in ("lrc_precision", "lrc_recall", "gsrc_precision", "iasc_precision")
+                      if all(k in r["relations"] for r in runs)},
+    }
+  return out
+
+
+def markdown(summary: dict, command: str) -> str:
+  def cell(s):
+    return f"{s['mean']:.2f} ± {s['std']:.2f}"
+
+  lines = [f"Command: `{command}`", ""]
+  for which, title in (("last", "last epoch"), ("best_val", "best epoch on validation identities")):
+    lines += [f"Text→image, {title} (test split, mean ± std over seeds):", "",
+              "| row | seeds | " + " | ".join(METRICS) + " | wall time / run |",
+              "|---|---|" + "---|" * (len(METRICS) + 1)]
+    for row, s in summary.items():
+      if s[which] is None:
+        continue
+      lines.append(f"| {row} | {s['seeds']} | " + " | ".join(cell(s[which][m]) for m in METRICS)
+                   + f" | {s['wall_seconds']['mean'] / 60:.1f} min |")
+    lines.append("")
+  rel_rows = [(row, s["relations"]) for row, s in summary.items() if s["relations"]]
+  if rel_rows:
+    keys = sorted({k for _, r in rel_rows for k in r})
+    lines += ["Relations in the last epoch against the hidden train ids (percent, mean ± std):", "",
+              "| row | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for row, r in rel_rows:
+      lines.append(f"| {row} | " + " | ".join(cell(r[k]) if k in r else "" for k in keys) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def bar_chart(summary: dict, path: str) -> None:
+  rows = list(summary)
+  x = np.arange(len(rows))
+  fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 3, 4))
+  for i, (metric, which) in enumerate((("R1", "last"), ("mAP", "last"), ("R1", "best_val"))):
+    vals = [summary[r][which][metric] if summary[r][which] else {"mean": 0, "std": 0} for r in rows]
+    ax.bar(x + (i - 1) * 0.27, [v["mean"] for v in vals], 0.27, yerr=[v["std"] for v in vals], capsize=3,
+           label=f"t2i {metric} ({'last epoch' if which == 'last' else 'best on val'})")
+  ax.set_xticks(x, rows)
+  ax.set_ylabel("%")
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  root = _WORKDIR.value
+  unknown = [r for r in _ROWS.value if r not in ROWS]
+  if unknown:
+    sys.exit(f"error: unknown ablation rows {unknown}; known: {sorted(ROWS)}")
+  per_row = {row: [run_one(row_config(_CONFIG.value, row, seed), os.path.join(root, row, f"seed{seed}"))
+                   for seed in range(_SEEDS.value)] for row in _ROWS.value}
+  summary = summarize(per_row)
+  command = "python -m dgia_jax.ablate " + " ".join(sys.argv[1:])
+  report = markdown(summary, command)
+  with open(os.path.join(root, "ablation.md"), "w") as f:
+    f.write(report)
+  with open(os.path.join(root, "ablation.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  bar_chart(summary, os.path.join(root, "ablation.png"))
+  print(report)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

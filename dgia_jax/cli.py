@@ -1,0 +1,17 @@
+"""Command-line plumbing shared by the entry points."""
+
+import sys
+
+from absl import flags
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that reports a bad `--config.*` override in one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections' way of saying "no such key"
+    key = str(e).strip("\"'")
+    culprit = next((a for a in argv[1:] if a.startswith("--config.") and key.split("'")[0] in a), "a --config flag")
+    sys.exit(f"error: unknown config key {key!r} in {culprit}")
+  except flags.Error as e:
+    sys.exit(f"error: {e}")

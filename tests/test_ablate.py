@@ -1,0 +1,60 @@
+"""The ablation runner: rows are switches of one trainer; a rerun reuses finished runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dgia_jax import ablate
+from tests import helpers
+
+_CONFIG_FILE = """
+from tests import helpers
+
+def get_config():
+  c = helpers.tiny_config({data_dir!r})
+  c.train.epochs = 2
+  return c
+"""
+
+
+def test_rows_differ_only_in_their_switches(tiny_config):
+  itc, full, oracle = (ablate.row_config(tiny_config, r, seed=2) for r in ("itc", "full", "oracle"))
+  assert (itc.loss.lrc, itc.loss.iasc, itc.loss.gsrc) == (False, False, False)
+  assert (full.loss.lrc, full.loss.iasc, full.loss.gsrc) == (True, True, True)
+  assert oracle.relations.oracle and not full.relations.oracle
+  assert itc.seed == full.seed == 2
+  for section in ("data", "model", "train", "eval", "iasc", "gsrc"):
+    assert itc[section].to_dict() == full[section].to_dict()
+  with pytest.raises(ValueError, match="unknown ablation row 'nope'"):
+    ablate.row_config(tiny_config, "nope", 0)
+
+
+def test_ablation_writes_table_chart_and_reuses_finished_runs(tmp_path, data_dir):
+  config = tmp_path / "tiny.py"
+  config.write_text(_CONFIG_FILE.format(data_dir=data_dir))
+  workdir = str(tmp_path / "ablation")
+  cmd = [sys.executable, "-m", "dgia_jax.ablate", "--config", str(config), "--workdir", workdir,
+         "--rows", "itc,full", "--seeds", "2"]
+  env = {**os.environ, "PYTHONPATH": helpers.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  proc = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, "ablation.json")) as f:
+    summary = json.load(f)
+  assert list(summary) == ["itc", "full"] and summary["full"]["seeds"] == 2
+  for row in ("itc", "full"):
+    runs = [json.load(open(os.path.join(workdir, row, f"seed{s}", "results.json"))) for s in (0, 1)]
+    r1 = [r["final"]["t2i"]["R1"] for r in runs]
+    assert summary[row]["last"]["R1"]["mean"] == pytest.approx(sum(r1) / 2)
+    assert summary[row]["best_val"] is not None
+  assert "gsrc_precision" in summary["full"]["relations"] and not summary["itc"]["relations"]
+  table = open(os.path.join(workdir, "ablation.md")).read()
+  assert "| itc | 2 |" in table and "| full | 2 |" in table and "best epoch on validation" in table
+  with open(os.path.join(workdir, "ablation.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  stamp = os.path.getmtime(os.path.join(workdir, "full", "seed1", "results.json"))
+  again = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0 and "dgia-jax:" not in again.stdout  # nothing trained again
+  assert os.path.getmtime(os.path.join(workdir, "full", "seed1", "results.json")) == stamp
