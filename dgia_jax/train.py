@@ -445,19 +445,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sigterm = _SigtermFlag()
   bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not is_main,
              desc="train", mininterval=2.0, dynamic_ncols=True)
+  interval_start, waited = time.perf_counter(), 0.0
   for step in bar:
-    state, metrics, counts = train_step(state, parallel.to_global(next(batches), mesh), pair_pids)
+    t = time.perf_counter()
+    batch = next(batches)
+    waited += time.perf_counter() - t
+    state, metrics, counts = train_step(state, parallel.to_global(batch, mesh), pair_pids)
     pending.append((metrics, counts))
     done = step + 1
     epoch_end = done % order.steps_per_epoch == 0
     if done % tcfg.log_every == 0 or epoch_end:
       fetched = jax.device_get(pending)
       pending.clear()
+      elapsed = time.perf_counter() - interval_start
+      timing = {"seconds_per_step": elapsed / len(fetched), "data_wait_fraction": waited / elapsed}
+      interval_start, waited = time.perf_counter(), 0.0
       means = {k: float(np.mean([m[k] for m, _ in fetched])) for k in fetched[0][0]}
       sums = {k: float(np.sum([c[k] for _, c in fetched])) for k in fetched[0][1]}
       epoch_counts = {k: epoch_counts.get(k, 0.0) + v for k, v in sums.items()}
       record = {"kind": "train", "step": done, "epoch": done / order.steps_per_epoch, **means,
-                **summarize_relations(sums), "skipped_steps": int(sums["skipped"])}
+                **summarize_relations(sums), "skipped_steps": int(sums["skipped"]), **timing}
       history.append(record)
       writer.write(record)
       bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
@@ -488,6 +495,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       epoch_counts = {}
     if epoch_end and (epoch % config.eval.every_epochs == 0 or done == total_steps):
       evaluator.after_epoch(epoch, done, state.params, last=done == total_steps)
+      interval_start = time.perf_counter()  # step timing leaves evaluation out
   bar.close()
   ckpt.close()
 
