@@ -1,8 +1,19 @@
 """Command-line plumbing shared by the entry points."""
 
+import importlib.util
+import os
 import sys
 
+import ml_collections
 from absl import flags
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file, as `--config` loads it."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import ml_collections
 
+from dgia_jax import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str = "default") -> ml_collections.ConfigDict:
   """`get_config()` of configs/<name>.py, as the main job loads it."""
-  spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return cli.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def tiny_config(data_dir: str) -> ml_collections.ConfigDict:
