@@ -1,0 +1,86 @@
+"""Cost of the full method over ITC alone: FLOPs expected vs time measured, same step.
+
+The full step encodes every pair twice (the pair and its information-asymmetric partner)
+and adds the in-batch relation losses and the sharded bank search. The towers dominate,
+so the FLOP ratio full/ITC should be close to 2 (the compiled programs' cost analysis gives
+the exact figure); the target is a measured time ratio within 10 % of the FLOP ratio, i.e.
+no overhead beyond the arithmetic.
+
+Prints one JSON line: FLOPs per step (XLA cost analysis), seconds per step, and both
+ratios, for the default CPU config at batch 64 with a bank of N = 4,000 pairs.
+
+  python benchmarks/full_method.py [--steps 10]
+"""
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dgia_jax import cli, identity_graph, parallel, train
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+NUM_PAIRS = 4000
+
+
+class _Tok:  # the facts the model needs from a tokenizer
+  vocab_size, eot_id, context_length, mask_id = 256, 255, 48, 254
+
+
+def measure(full: bool, steps: int, images, tokens, index) -> dict:
+  config = cli.load_config(DEFAULT_CONFIG)
+  config.loss.update(dict(lrc=full, iasc=full, gsrc=full))
+  config.relations.start_epoch = config.gsrc.start_epoch = 1  # everything on from the first step
+  mesh = parallel.make_mesh()
+  model = train.build_model(config, _Tok)
+  tx, schedule = train.make_optimizer(config.train, steps_per_epoch=100)
+  rows = identity_graph.padded_size(NUM_PAIRS, mesh)
+  state = train.init_state(model, tx, 0, rows if full else 0, mesh)
+  if full:  # a filled bank, so the search and the global loss do real work
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(rows, config.model.embed_dim)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    bank = identity_graph.MemoryBank(image=jnp.asarray(feats), text=jnp.asarray(feats), filled=jnp.ones(rows, bool))
+    state = state.replace(bank=jax.device_put(bank, parallel.data_sharding(mesh)))
+  step = train.make_train_step(model, tx, schedule, config, 100, _Tok.mask_id, state, mesh)
+  batch = parallel.to_global({"image": images, "tokens": tokens, "index": index}, mesh)
+  pids = parallel.global_array(np.zeros(rows, np.int32), parallel.data_sharding(mesh))
+  flops = step.lower(state, batch, pids).compile().cost_analysis()["flops"]
+  for _ in range(2):
+    state, metrics, _ = step(state, batch, pids)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics, _ = step(state, batch, pids)
+  jax.block_until_ready(metrics)
+  return {"gflops_per_step": flops / 1e9, "seconds_per_step": (time.perf_counter() - start) / steps}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--steps", type=int, default=10)
+  args = parser.parse_args()
+  rng = np.random.default_rng(0)
+  batch = 64
+  images = rng.integers(0, 256, size=(batch, 96, 32, 3), dtype=np.uint8)
+  tokens = np.zeros((batch, _Tok.context_length), np.int32)
+  for i, n in enumerate(rng.integers(12, 40, size=batch)):
+    tokens[i, 0], tokens[i, 1:n], tokens[i, n] = 1, rng.integers(5, 250, size=n - 1), _Tok.eot_id
+  index = rng.choice(NUM_PAIRS, batch, replace=False).astype(np.int32)
+  itc = measure(False, args.steps, images, tokens, index)
+  full = measure(True, args.steps, images, tokens, index)
+  flop_ratio = full["gflops_per_step"] / itc["gflops_per_step"]
+  time_ratio = full["seconds_per_step"] / itc["seconds_per_step"]
+  print(json.dumps({
+      "benchmark": "full_method", "device": jax.devices()[0].device_kind, "batch": batch, "bank_rows": NUM_PAIRS,
+      "itc": {k: round(v, 4) for k, v in itc.items()}, "full": {k: round(v, 4) for k, v in full.items()},
+      "flop_ratio": round(flop_ratio, 3), "time_ratio": round(time_ratio, 3),
+      "time_over_flop_ratio": round(time_ratio / flop_ratio, 3), "target": "time ratio within 10% of FLOP ratio"}))
+
+
+if __name__ == "__main__":
+  main()
