@@ -1,0 +1,52 @@
+"""Opens the data set a config names: builder, tokenizer and splits."""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow_datasets as tfds
+
+from data_prep import synthetic_persons
+from dgia_jax.data.pipeline import Split, hold_out_identities, open_split
+from dgia_jax.data.tokenizer import Tokenizer
+
+
+def get_builder(data_cfg, prepare: bool = True) -> tfds.core.DatasetBuilder:
+  """The TFDS builder for `config.data`, prepared if `prepare` and missing."""
+  if data_cfg.name != "synthetic_persons":
+    raise ValueError(f"unknown data set '{data_cfg.name}'; known: synthetic_persons")
+  cfg = synthetic_persons.SyntheticPersonsConfig.from_sizes(image_size=tuple(data_cfg.image_size),
+                                                            **data_cfg.synthetic.to_dict())
+  builder = synthetic_persons.SyntheticPersons(config=cfg, data_dir=data_cfg.data_dir, file_format="array_record")
+  if not builder.is_prepared():
+    if not prepare:
+      raise FileNotFoundError(f"data set {builder.info.full_name} is not prepared under {data_cfg.data_dir}; "
+                              "run with --config.data.prepare=True")
+    os.makedirs(data_cfg.data_dir, exist_ok=True)
+    builder.download_and_prepare()
+  synthetic_persons.train_tokenizer(builder)
+  return builder
+
+
+def get_tokenizer(data_cfg, builder: tfds.core.DatasetBuilder) -> Tokenizer:
+  """`config.data.tokenizer` if set, else the tokenizer saved beside the data."""
+  path = data_cfg.tokenizer or os.path.join(builder.data_dir, synthetic_persons.TOKENIZER_FILE)
+  return Tokenizer.from_file(path, data_cfg.context_length)
+
+
+def load(data_cfg, splits: tuple[str, ...]) -> tuple[Tokenizer, dict[str, Split]]:
+  """Tokenizer and the named splits of the configured data set.
+
+  With `data.holdout_val_ids = K > 0`, the split named `data.val_split` is not read from the
+  data set: it is K identities held out of `data.train_split` (which loses them).
+  """
+  builder = get_builder(data_cfg, prepare=data_cfg.prepare)
+  tokenizer = get_tokenizer(data_cfg, builder)
+  holdout = data_cfg.holdout_val_ids and data_cfg.val_split in splits
+  wanted = dict.fromkeys((*splits, data_cfg.train_split) if holdout else splits)
+  opened = {s: open_split(builder, s, tokenizer, tuple(data_cfg.image_size))
+            for s in wanted if not (holdout and s == data_cfg.val_split)}
+  if holdout:
+    opened[data_cfg.train_split], opened[data_cfg.val_split] = hold_out_identities(
+        opened[data_cfg.train_split], data_cfg.holdout_val_ids, data_cfg.holdout_seed, data_cfg.val_split)
+  return tokenizer, {s: opened[s] for s in splits}
