@@ -26,7 +26,7 @@ from tqdm import tqdm
 from dgia_jax import checkpointing, evaluate, identity_graph, losses, parallel, perturb, reporting
 from dgia_jax.data import datasets
 from dgia_jax.data.pipeline import EpochOrder, Split, eval_image_batches, eval_text_batches, train_batches
-from dgia_jax.models import clip
+from dgia_jax.models import checkpoint_io, clip
 
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
@@ -219,19 +219,21 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, schedule
                  donate_argnums=0)
 
 
-def init_state(model: clip.CLIP, tx: optax.GradientTransformation, seed: int, bank_rows: int, mesh) -> TrainState:
-  """Fresh parameters, optimizer state and (if `bank_rows`) an empty memory bank."""
+def init_state(model: clip.CLIP, tx: optax.GradientTransformation, seed: int, bank_rows: int, mesh,
+               params=None) -> TrainState:
+  """Parameters (`params`, e.g. pretrained, or a fresh init), optimizer state and (if `bank_rows`) an empty memory bank."""
   cfg = model.cfg
 
-  def init():
-    images = jnp.zeros((1, *cfg.vision.image_size, 3), jnp.float32)
-    tokens = jnp.zeros((1, cfg.text.context_length), jnp.int32)
-    params = model.init(jax.random.key(seed), images, tokens)["params"]
+  def init(params):
+    if params is None:
+      images = jnp.zeros((1, *cfg.vision.image_size, 3), jnp.float32)
+      tokens = jnp.zeros((1, cfg.text.context_length), jnp.int32)
+      params = model.init(jax.random.key(seed), images, tokens)["params"]
     bank = identity_graph.empty_bank(bank_rows, cfg.embed_dim) if bank_rows else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), bank=bank)
 
-  shapes = jax.eval_shape(init)
-  return jax.jit(init, out_shardings=state_sharding(shapes, mesh))()
+  shapes = jax.eval_shape(init, params)
+  return jax.jit(init, out_shardings=state_sharding(shapes, mesh))(params)
 
 
 # ---------------------------------------------------------------------------------------
@@ -415,9 +417,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = build_model(config, tokenizer)
   tx, schedule = make_optimizer(tcfg, order.steps_per_epoch)
   bank_rows = identity_graph.padded_size(train_split.num_pairs, mesh) if config.loss.gsrc else 0
-  state = init_state(model, tx, config.seed, bank_rows, mesh)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
                                     config.checkpoint.keep)
+  pretrained = None
+  if config.model.init_from and ckpt.latest_step() is None:  # a resumed run has its own weights
+    pretrained = checkpoint_io.load_clip(config.model.init_from, model.cfg, appended_tokens=tokenizer.num_appended,
+                                         cache_dir=config.model.init_cache_dir or None)
+  state = init_state(model, tx, config.seed, bank_rows, mesh, pretrained)
   state = ckpt.restore(state) or state
   start_step = int(state.step)
   writer = reporting.MetricWriter(workdir, enabled=is_main)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from dgia_jax.data import tokenizer as tokenizer_lib
+from tests import clip_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,34 @@ def test_truncation_keeps_end_of_text(tok):
 def test_special_tokens_are_distinct(tok):
   ids = {tok.sot_id, tok.eot_id, tok.pad_id, tok.mask_id}
   assert len(ids) == 4 and max(ids) < tok.vocab_size
+  assert tok.num_appended == 0  # our own vocabulary has a mask token
 
 
 @pytest.mark.parametrize("bad", ["", "   "])
 def test_empty_caption_is_refused(tok, bad):
   with pytest.raises(ValueError, match="caption 1 is empty"):
     tok.encode(["a man", bad])
+
+
+@pytest.mark.parametrize("files", ["tokenizer.json", "vocab.json+merges.txt"])
+def test_clip_folder_encodes_as_clip_with_an_appended_mask_token(tmp_path, files):
+  texts = ["The man in the RED coat!", "and", "the red coat and the man and the coat"]
+  hf = clip_checkpoints.write_clip_tokenizer(str(tmp_path), tokenizer_json=False)
+  ref = hf(texts, padding="max_length", max_length=8, truncation=True)["input_ids"]
+  if files == "tokenizer.json":
+    hf.save_pretrained(str(tmp_path))  # carries the padding and truncation just used: ours must ignore them
+    (tmp_path / "vocab.json").unlink()
+  tok = tokenizer_lib.Tokenizer.from_file(str(tmp_path), context_length=8)
+  out = tok.encode(texts)
+  assert (tok.sot_id, tok.eot_id) == (hf.bos_token_id, hf.eos_token_id) == (len(hf) - 2, len(hf) - 1)
+  for row, expected in zip(out, ref):
+    end = expected.index(hf.eos_token_id) + 1
+    assert row[:end].tolist() == expected[:end]  # SOT, pieces, EOT as transformers' CLIPTokenizer
+    assert (row[end:] == 0).all()  # then OpenAI's zero padding
+  assert out[2, -1] == tok.eot_id and tok.eot_id not in out[2, :-1]  # truncated, EOT kept
+  # CLIP has no mask token: it is appended after the vocabulary, every CLIP id unchanged.
+  assert tok.num_appended == 1 and tok.mask_id == len(hf) == tok.vocab_size - 1
+  assert tok.decode(out[0]) == "the man in the red"
+  masked = out[0].copy()
+  masked[2] = tok.mask_id
+  assert tok.decode(masked) == "the <|mask|> in the red"

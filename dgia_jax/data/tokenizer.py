@@ -2,6 +2,17 @@
 
 A caption becomes `[SOT] + pieces[: L - 2] + [EOT] + [PAD] * rest`: the end-of-text token is
 always kept when a caption is truncated, because the text tower reads its feature there.
+This is OpenAI's `clip.tokenize(truncate=True)` layout, padding included (id 0 when the
+vocabulary has no `<|pad|>`); Hugging Face pads with EOT instead, which gives the same
+features since the causal text tower reads the first EOT.
+
+A tokenizer comes from our own `tokenizer.json` or from a CLIP checkpoint folder
+(`tokenizer.json`, or `vocab.json` + `merges.txt`, as `openai/clip-vit-base-patch16` ships
+them). CLIP's vocabulary (49,408 tokens) has no mask token: `<|mask|>` is then appended as
+a special token with the next free id (49,408), so every CLIP id keeps its meaning and the
+model's token embedding grows by one row (`num_appended`), which the checkpoint loader adds
+(`dgia_jax.models.checkpoint_io`). Reusing an existing token instead would make masked and
+real occurrences of it indistinguishable to the text tower.
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import tokenizers
-from tokenizers import models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, models, normalizers, pre_tokenizers, trainers
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -39,17 +50,24 @@ class Tokenizer:
     sot_id, eot_id, pad_id, mask_id: special token ids. `mask_id` replaces content tokens in
       the information-asymmetric text partner.
     vocab_size: rows the token embedding needs.
+    num_appended: tokens appended to the source vocabulary (the mask token, if it lacked
+      one); their ids are the last ones.
   """
 
   def __init__(self, tok: tokenizers.Tokenizer, context_length: int):
     if context_length < 3:
       raise ValueError(f"context_length must be at least 3 (SOT, one token, EOT), got {context_length}")
+    tok.no_padding()  # the fixed-length layout is ours; a saved tokenizer may carry its own
+    tok.no_truncation()
     self._tok = tok
     self.context_length = context_length
-    vocab = tok.get_vocab(with_added_tokens=True)
-    missing = [t for t in (SOT, EOT, MASK) if t not in vocab]
+    missing = [t for t in (SOT, EOT) if tok.token_to_id(t) is None]
     if missing:
       raise ValueError(f"tokenizer lacks the special tokens {missing}")
+    self.num_appended = 0
+    if tok.token_to_id(MASK) is None:
+      self.num_appended = tok.add_special_tokens([AddedToken(MASK, special=True)])
+    vocab = tok.get_vocab(with_added_tokens=True)
     self.sot_id = vocab[SOT]
     self.eot_id = vocab[EOT]
     self.mask_id = vocab[MASK]
@@ -58,9 +76,18 @@ class Tokenizer:
 
   @classmethod
   def from_file(cls, path: str, context_length: int) -> "Tokenizer":
+    """A `tokenizer.json` file, or a CLIP folder (`tokenizer.json`, or `vocab.json` + `merges.txt`)."""
     if not os.path.exists(path):
       raise FileNotFoundError(f"tokenizer file not found: {path}")
-    return cls(tokenizers.Tokenizer.from_file(path), context_length)
+    if not os.path.isdir(path):
+      return cls(tokenizers.Tokenizer.from_file(path), context_length)
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+      return cls(tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json")), context_length)
+    if all(os.path.exists(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
+      import transformers  # late import: only this layout needs it
+
+      return cls(transformers.CLIPTokenizer.from_pretrained(path).backend_tokenizer, context_length)
+    raise FileNotFoundError(f"{path} holds no tokenizer: expected tokenizer.json, or vocab.json and merges.txt")
 
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     """Encodes captions to int32 [N, context_length]."""
@@ -77,6 +104,11 @@ class Tokenizer:
     return out
 
   def decode(self, tokens: np.ndarray) -> str:
-    """Text of one encoded caption [L] (special tokens dropped, mask shown as MASK)."""
-    specials = {self.sot_id, self.eot_id, self.pad_id}
-    return self._tok.decode([int(t) for t in tokens if int(t) not in specials], skip_special_tokens=False)
+    """Text of one encoded caption [L]: the tokens between SOT and the first EOT, mask shown as MASK."""
+    ids = [int(t) for t in tokens]
+    end = ids.index(self.eot_id) if self.eot_id in ids else len(ids)
+    text = self._tok.decode(ids[1:end], skip_special_tokens=False)
+    suffix = getattr(self._tok.model, "end_of_word_suffix", None)  # CLIP's BPE marks word ends with </w>
+    if not suffix:
+      return text
+    return " ".join(text.replace(suffix, " ").replace(MASK, f" {MASK} ").split())
