@@ -10,7 +10,7 @@ The memory banks hold N = 68,126 rows, as on CUHK-PEDES. Inputs are random (spee
 depend on content). Runs on CPU too, for a smoke test
 (`--batches 2 --steps 1 --eval_batch 4 --eval_fraction 0.002`).
 
-  python benchmarks/accelerator.py [--batches 64,128] [--steps 20] [--peak_tflops 989]
+  python -m benchmarks.accelerator [--batches 64,128] [--steps 20] [--peak_tflops 989]
       [--profile /tmp/trace]
 
 Prints one JSON line.
@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from dgia_jax import cli, evaluate, identity_graph, parallel, train
 from dgia_jax.models import presets
 
@@ -74,18 +75,9 @@ def measure_step(batch: int, steps: int, profile: str | None) -> dict:
       "tokens": _tokens(rng, batch),
       "index": rng.choice(CUHK_PAIRS, batch, replace=False).astype(np.int32)}, mesh)
   pids = parallel.global_array(rng.integers(0, 11003, size=rows).astype(np.int32), parallel.data_sharding(mesh))
-  compiled = step.lower(state, batch_arrays, pids).compile()
-  flops = compiled.cost_analysis()["flops"]
-  for _ in range(3):
-    state, metrics, _ = step(state, batch_arrays, pids)
-  jax.block_until_ready(metrics)
-  trace = jax.profiler.trace(profile) if profile else contextlib.nullcontext()
-  with trace:
-    start = time.perf_counter()
-    for _ in range(steps):
-      state, metrics, _ = step(state, batch_arrays, pids)
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - start) / steps
+  flops = step.lower(state, batch_arrays, pids).compile().cost_analysis()["flops"]
+  with jax.profiler.trace(profile) if profile else contextlib.nullcontext():
+    seconds, state = timing.seconds_per_step(step, state, batch_arrays, pids, steps, warmup=3)
   return {"seconds_per_step": seconds, "pairs_per_s": batch / seconds, "tflops_per_step": flops / 1e12,
           "achieved_tflops": flops / seconds / 1e12, "steps_per_epoch": steps_per_epoch, "params": state.params}
 

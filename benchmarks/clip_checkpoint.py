@@ -12,7 +12,7 @@ and LayerNorms perturbed too) as a Hugging Face folder, loads it with
 
 Prints one JSON line.
 
-  python benchmarks/clip_checkpoint.py [--batch 2]
+  python -m benchmarks.clip_checkpoint [--batch 2]
 """
 
 import argparse

@@ -11,7 +11,7 @@ similarity matrix is computed once, and both implementations rank the same matri
 Prints one JSON line: seconds for each (ours warm, i.e. after compilation, and cold),
 the speed-up, and the largest metric difference between the two.
 
-  python benchmarks/eval_metrics.py
+  python -m benchmarks.eval_metrics
 """
 
 import json

@@ -9,18 +9,18 @@ no overhead beyond the arithmetic.
 Prints one JSON line: FLOPs per step (XLA cost analysis), seconds per step, and both
 ratios, for the default CPU config at batch 64 with a bank of N = 4,000 pairs.
 
-  python benchmarks/full_method.py [--steps 10]
+  python -m benchmarks.full_method [--steps 10]
 """
 
 import argparse
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from dgia_jax import cli, identity_graph, parallel, train
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
@@ -50,14 +50,8 @@ def measure(full: bool, steps: int, images, tokens, index) -> dict:
   batch = parallel.to_global({"image": images, "tokens": tokens, "index": index}, mesh)
   pids = parallel.global_array(np.zeros(rows, np.int32), parallel.data_sharding(mesh))
   flops = step.lower(state, batch, pids).compile().cost_analysis()["flops"]
-  for _ in range(2):
-    state, metrics, _ = step(state, batch, pids)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics, _ = step(state, batch, pids)
-  jax.block_until_ready(metrics)
-  return {"gflops_per_step": flops / 1e9, "seconds_per_step": (time.perf_counter() - start) / steps}
+  seconds, _ = timing.seconds_per_step(step, state, batch, pids, steps)
+  return {"gflops_per_step": flops / 1e9, "seconds_per_step": seconds}
 
 
 def main():

@@ -13,7 +13,7 @@ input pipeline nothing.
 
 Prints one JSON line.
 
-  python benchmarks/input_pipeline.py
+  python -m benchmarks.input_pipeline
 """
 
 import io

@@ -11,7 +11,7 @@ CPU) with `torch.optim.Adam`, as IRRA-style code runs it. Two sizes:
 
 Prints one JSON line with steps/s for each side and the JAX/PyTorch ratio per size.
 
-  python benchmarks/train_step.py [--sizes small,vit_b16] [--steps 5]
+  python -m benchmarks.train_step [--sizes small,vit_b16] [--steps 5]
 """
 
 import argparse
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from benchmarks import timing
 from dgia_jax import cli, parallel, train
 from dgia_jax.models import presets
 
@@ -53,15 +54,8 @@ def jax_step_rate(preset, image_size, context, vocab, batch, steps, images, toke
   state = train.init_state(model, tx, 0, 0, mesh)
   step = train.make_train_step(model, tx, schedule, config, 100, Tok.mask_id, state, mesh)
   arrays = parallel.to_global({"image": images, "tokens": tokens, "index": np.arange(batch, dtype=np.int32)}, mesh)
-  pids = jnp.zeros((batch,), jnp.int32)
-  for _ in range(2):  # compile and warm up
-    state, metrics, _ = step(state, arrays, pids)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics, _ = step(state, arrays, pids)
-  jax.block_until_ready(metrics)
-  return steps / (time.perf_counter() - start)
+  seconds, _ = timing.seconds_per_step(step, state, arrays, jnp.zeros((batch,), jnp.int32), steps)
+  return 1.0 / seconds
 
 
 def torch_step_rate(preset, image_size, context, vocab, batch, steps, images, tokens) -> float:
