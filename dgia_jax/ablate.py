@@ -157,8 +157,11 @@ def main(argv):
   unknown = [r for r in _ROWS.value if r not in ROWS]
   if unknown:
     sys.exit(f"error: unknown ablation rows {unknown}; known: {sorted(ROWS)}")
-  per_row = {row: [run_one(row_config(_CONFIG.value, row, seed), os.path.join(root, row, f"seed{seed}"))
-                   for seed in range(_SEEDS.value)] for row in _ROWS.value}
+  per_row = {row: [] for row in _ROWS.value}
+  for seed in range(_SEEDS.value):  # seed-major: an interrupted study has every row at equal seeds
+    for row in _ROWS.value:
+      print(f"ablation: row {row}, seed {seed}", flush=True)
+      per_row[row].append(run_one(row_config(_CONFIG.value, row, seed), os.path.join(root, row, f"seed{seed}")))
   summary = summarize(per_row)
   command = "python -m dgia_jax.ablate " + " ".join(sys.argv[1:])
   report = markdown(summary, command)
