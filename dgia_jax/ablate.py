@@ -38,6 +38,11 @@ ROWS: dict[str, dict[str, object]] = {
     "full": {"loss.lrc": True, "loss.iasc": True, "loss.gsrc": True},
     # Supervised upper bound (measurement only): the full method with true ids as in-batch relations.
     "oracle": {"loss.lrc": True, "loss.iasc": True, "loss.gsrc": True, "relations.oracle": True},
+    # Beyond the paper: cluster pseudo identities as the in-batch relations (alone, and OR-ed into the full method).
+    "clusters": {**_LOSSES_OFF, "loss.lrc": True, "relations.clusters.enabled": True,
+                 "relations.clusters.mode": "replace"},
+    "full+clusters": {"loss.lrc": True, "loss.iasc": True, "loss.gsrc": True, "relations.clusters.enabled": True,
+                      "relations.clusters.mode": "or"},
 }
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 TIME_FILE = "wall_seconds.json"
@@ -58,8 +63,11 @@ def row_config(config, row: str, seed: int):
   c = config.copy_and_resolve_references()
   c.unlock()
   for path, value in ROWS[row].items():
-    section, key = path.split(".")
-    c[section][key] = value
+    *parents, key = path.split(".")
+    node = c
+    for name in parents:
+      node = node[name]
+    node[key] = value
   c.seed = seed
   c.name = f"{config.get('name', 'run')} {row} seed {seed}"
   return c

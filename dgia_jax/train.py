@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from dgia_jax import checkpointing, evaluate, identity_graph, losses, parallel, perturb, reporting
+from dgia_jax import checkpointing, clustering, evaluate, identity_graph, losses, parallel, perturb, reporting
 from dgia_jax.data import datasets
 from dgia_jax.data.pipeline import EpochOrder, Split, eval_image_batches, eval_text_batches, train_batches
 from dgia_jax.models import checkpoint_io, clip
@@ -39,12 +39,17 @@ class TrainState:
   params: Any
   opt_state: Any
   bank: identity_graph.MemoryBank | None  # present when the global loss is on
+  # int32 [N_pad]: pseudo identity of every training pair (-1: outlier or not clustered
+  # yet), present when `relations.clusters.enabled`. Part of the state, so a resumed run
+  # continues with the clusters it had.
+  pseudo_ids: jax.Array | None = None
 
 
 def state_sharding(state: TrainState, mesh) -> TrainState:
-  """Replicated parameters and optimizer state; memory banks split over `data` along N."""
+  """Replicated parameters and optimizer state; memory banks and pseudo ids split over `data` along N."""
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return TrainState(step=repl, params=repl, opt_state=repl, bank=None if state.bank is None else data)
+  return TrainState(step=repl, params=repl, opt_state=repl, bank=None if state.bank is None else data,
+                    pseudo_ids=None if state.pseudo_ids is None else data)
 
 
 # ---------------------------------------------------------------------------------------
@@ -88,14 +93,16 @@ def make_optimizer(tcfg: ml_collections.ConfigDict, steps_per_epoch: int) -> tup
 
 def compute_losses(model: clip.CLIP, params, batch: dict[str, jax.Array], key: jax.Array, bank,
                    pair_pids: jax.Array, active: dict[str, jax.Array], config, mask_id: int,
-                   mesh) -> tuple[jax.Array, dict, dict]:
+                   mesh, pseudo_ids: jax.Array | None = None) -> tuple[jax.Array, dict, dict]:
   """Total loss, its terms, and what the step needs besides (features, relations).
 
   `active` holds bool scalars: `relations` (in-batch agreement relations on; before that
   the relation target is the identity) and `gsrc` (global loss on). `mask_id` is the
   tokenizer's mask token, for the masked caption partners. `pair_pids` (hidden person id
   of every training pair) is read only when `config.relations.oracle` makes true ids the
-  in-batch relation source.
+  in-batch relation source. `pseudo_ids` [N_pad] (cluster of every training pair, -1 for
+  none) relate pairs of one cluster, OR-ed with the agreement relations or replacing them
+  (`relations.clusters.mode`).
   """
   lc, rc, tau = config.loss, config.relations, config.loss.temperature
   apply = functools.partial(model.apply, {"params": params})
@@ -106,8 +113,13 @@ def compute_losses(model: clip.CLIP, params, batch: dict[str, jax.Array], key: j
     if rc.oracle:
       pids = pair_pids[batch["index"]]
       return pids[:, None] == pids[None, :]
-    related = losses.agreement_relations(img, txt, rc.image_threshold, rc.text_threshold)
-    return related & (active["relations"] | jnp.eye(img.shape[0], dtype=bool))
+    eye = jnp.eye(img.shape[0], dtype=bool)
+    related = losses.agreement_relations(img, txt, rc.image_threshold, rc.text_threshold) & (active["relations"] | eye)
+    if pseudo_ids is None:
+      return related
+    cluster = pseudo_ids[batch["index"]]
+    same_cluster = (cluster[:, None] == cluster[None, :]) & (cluster[:, None] >= 0)
+    return (same_cluster | eye) if rc.clusters.mode == "replace" else (related | same_cluster)
 
   if lc.itc:
     terms["itc"] = losses.itc_loss(img, txt, tau)
@@ -193,7 +205,7 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, schedule
 
     def loss_fn(params):
       total, terms, aux = compute_losses(model, params, batch, key, state.bank, pair_pids, active, config,
-                                         mask_id, mesh)
+                                         mask_id, mesh, state.pseudo_ids)
       return total, (terms, aux)
 
     (total, (terms, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -207,7 +219,8 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, schedule
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state), bank=keep(bank, state.bank))
+                           opt_state=keep(opt_state, state.opt_state), bank=keep(bank, state.bank),
+                           pseudo_ids=state.pseudo_ids)
     metrics = {"loss": total, **{f"loss_{k}": v for k, v in terms.items()},
                "lr": schedule(state.step), "grad_norm": grad_norm}
     counts = {**relation_counts(aux, batch["index"], pair_pids), "skipped": 1 - finite.astype(jnp.int32)}
@@ -220,8 +233,9 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, schedule
 
 
 def init_state(model: clip.CLIP, tx: optax.GradientTransformation, seed: int, bank_rows: int, mesh,
-               params=None) -> TrainState:
-  """Parameters (`params`, e.g. pretrained, or a fresh init), optimizer state and (if `bank_rows`) an empty memory bank."""
+               params=None, pseudo_rows: int = 0) -> TrainState:
+  """Parameters (`params`, e.g. pretrained, or a fresh init), optimizer state, (if `bank_rows`)
+  an empty memory bank and (if `pseudo_rows`) pseudo ids, all -1 until the first clustering."""
   cfg = model.cfg
 
   def init(params):
@@ -230,7 +244,9 @@ def init_state(model: clip.CLIP, tx: optax.GradientTransformation, seed: int, ba
       tokens = jnp.zeros((1, cfg.text.context_length), jnp.int32)
       params = model.init(jax.random.key(seed), images, tokens)["params"]
     bank = identity_graph.empty_bank(bank_rows, cfg.embed_dim) if bank_rows else None
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), bank=bank)
+    pseudo_ids = jnp.full((pseudo_rows,), -1, jnp.int32) if pseudo_rows else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), bank=bank,
+                      pseudo_ids=pseudo_ids)
 
   shapes = jax.eval_shape(init, params)
   return jax.jit(init, out_shardings=state_sharding(shapes, mesh))(params)
@@ -249,27 +265,62 @@ def make_encoders(model: clip.CLIP, mesh):
   return enc_img, enc_txt
 
 
+def _encode_all(encode, params, batches, key: str, mesh) -> np.ndarray:
+  """float32 [n, D]: `encode` over process-local eval batches, gathered on every process, padding dropped."""
+  feats = []
+  for batch in batches:
+    g = parallel.to_global(batch, mesh)
+    f = parallel.to_host(encode(params, g[key]))
+    feats.append(f[parallel.to_host(g["valid"])])
+  return np.concatenate(feats)
+
+
+def extract_image_features(encoders, params, split: Split, mesh, global_batch: int) -> np.ndarray:
+  """float32 [R, D]: one feature per image, in record order, eval transforms."""
+  batches = eval_image_batches(split, global_batch, jax.process_index(), jax.process_count())
+  return _encode_all(encoders[0], params, batches, "image", mesh)
+
+
 def extract_features(encoders, params, split: Split, mesh, global_batch: int) -> tuple[np.ndarray, np.ndarray]:
   """Text features float32 [P, D] (one per caption) and image features [R, D] (one per image)."""
-  enc_img, enc_txt = encoders
-  pi, pc = jax.process_index(), jax.process_count()
-
-  def run(encode, batches, key):
-    feats = []
-    for batch in batches:
-      g = parallel.to_global(batch, mesh)
-      f = parallel.to_host(encode(params, g[key]))
-      feats.append(f[parallel.to_host(g["valid"])])
-    return np.concatenate(feats)
-
-  txt = run(enc_txt, eval_text_batches(split, global_batch, pi, pc), "tokens")
-  img = run(enc_img, eval_image_batches(split, global_batch, pi, pc), "image")
-  return txt, img
+  batches = eval_text_batches(split, global_batch, jax.process_index(), jax.process_count())
+  txt = _encode_all(encoders[1], params, batches, "tokens", mesh)
+  return txt, extract_image_features(encoders, params, split, mesh, global_batch)
 
 
 def evaluate_split(encoders, params, split: Split, mesh, global_batch: int) -> dict[str, dict[str, float]]:
   txt, img = extract_features(encoders, params, split, mesh, global_batch)
   return evaluate.evaluate_retrieval(txt, img, split.pair_person_ids, split.person_ids)
+
+
+# ---------------------------------------------------------------------------------------
+# Pseudo identities (relations.clusters)
+# ---------------------------------------------------------------------------------------
+
+def clusters_due(ccfg: ml_collections.ConfigDict, step: int, steps_per_epoch: int) -> bool:
+  """Whether the training images are (re-)clustered before `step` (0-based): at the start of
+  epoch `start_epoch` and every `every_epochs` epochs after."""
+  if not ccfg.enabled or step % steps_per_epoch:
+    return False
+  epoch = step // steps_per_epoch + 1
+  return epoch >= ccfg.start_epoch and (epoch - ccfg.start_epoch) % ccfg.every_epochs == 0
+
+
+def pseudo_identities(encoders, params, split: Split, mesh, ccfg: ml_collections.ConfigDict,
+                      global_batch: int) -> tuple[np.ndarray, dict[str, float]]:
+  """int32 [P] pseudo id of every training pair (its image's cluster, -1: outlier) and the
+  quality of the image clusters against the hidden ids (measurement only).
+
+  Every training image is embedded in record order with eval transforms and clustered
+  (`clustering.cluster_images`, labels keyed by record); captions inherit their image's label.
+  Deterministic, so every process computes the same labels.
+  """
+  started = time.perf_counter()
+  img = extract_image_features(encoders, params, split, mesh, global_batch)
+  labels = clustering.cluster_images(img, np.arange(split.num_images), k1=ccfg.k1, k2=ccfg.k2, eps=ccfg.eps,
+                                     min_samples=ccfg.min_samples)
+  quality = {**clustering.label_quality(labels, split.person_ids), "seconds": time.perf_counter() - started}
+  return clustering.pair_labels(labels, split.pair_record).astype(np.int32), quality
 
 
 # ---------------------------------------------------------------------------------------
@@ -416,14 +467,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   model = build_model(config, tokenizer)
   tx, schedule = make_optimizer(tcfg, order.steps_per_epoch)
-  bank_rows = identity_graph.padded_size(train_split.num_pairs, mesh) if config.loss.gsrc else 0
+  padded_pairs = identity_graph.padded_size(train_split.num_pairs, mesh)
+  ccfg = config.relations.clusters
+  if ccfg.enabled and ccfg.mode not in ("or", "replace"):
+    raise ValueError(f"relations.clusters.mode must be 'or' or 'replace', got {ccfg.mode!r}")
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
                                     config.checkpoint.keep)
   pretrained = None
   if config.model.init_from and ckpt.latest_step() is None:  # a resumed run has its own weights
     pretrained = checkpoint_io.load_clip(config.model.init_from, model.cfg, appended_tokens=tokenizer.num_appended,
                                          cache_dir=config.model.init_cache_dir or None)
-  state = init_state(model, tx, config.seed, bank_rows, mesh, pretrained)
+  state = init_state(model, tx, config.seed, padded_pairs if config.loss.gsrc else 0, mesh, pretrained,
+                     pseudo_rows=padded_pairs if ccfg.enabled else 0)
   state = ckpt.restore(state) or state
   start_step = int(state.step)
   writer = reporting.MetricWriter(workdir, enabled=is_main)
@@ -437,10 +492,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_step = make_train_step(model, tx, schedule, config, order.steps_per_epoch, tokenizer.mask_id, state, mesh)
   # Hidden ids of every training pair, sharded like the banks: measurement (and oracle) only.
-  pids = np.full(identity_graph.padded_size(train_split.num_pairs, mesh), -1, np.int32)
+  pids = np.full(padded_pairs, -1, np.int32)
   pids[:train_split.num_pairs] = train_split.pair_person_ids
   pair_pids = parallel.global_array(pids, parallel.data_sharding(mesh))
-  evaluator = EpochEvaluator(config, workdir, make_encoders(model, mesh), splits.get(dcfg.val_split),
+  encoders = make_encoders(model, mesh)
+  evaluator = EpochEvaluator(config, workdir, encoders, splits.get(dcfg.val_split),
                              splits[dcfg.eval_split], mesh, history, writer)
   batches = train_batches(train_split, order, start_step=start_step, end_step=total_steps,
                           process_index=jax.process_index(), process_count=jax.process_count(),
@@ -453,6 +509,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              desc="train", mininterval=2.0, dynamic_ncols=True)
   interval_start, waited = time.perf_counter(), 0.0
   for step in bar:
+    if clusters_due(ccfg, step, order.steps_per_epoch):
+      labels, quality = pseudo_identities(encoders, state.params, train_split, mesh, ccfg, config.eval.batch_size)
+      padded = np.full(padded_pairs, -1, np.int32)
+      padded[:train_split.num_pairs] = labels
+      state = state.replace(pseudo_ids=parallel.global_array(padded, parallel.data_sharding(mesh)))
+      record = {"kind": "clusters", "step": step, "epoch": step // order.steps_per_epoch + 1, **quality}
+      history.append(record)
+      writer.write(record)
+      if is_main:
+        tqdm.write(f"epoch {record['epoch']} clusters (vs hidden ids): {_fmt(quality)}")
+      interval_start = time.perf_counter()  # step timing leaves clustering out
     t = time.perf_counter()
     batch = next(batches)
     waited += time.perf_counter() - t

@@ -160,8 +160,10 @@ def test_load_trained_gives_the_final_parameters(trained):
   assert metrics["t2i"] == pytest.approx(results["final"]["t2i"], abs=1e-3)
 
 
-def _one_step(cfg, pair_pids_of):
-  """Parameters and counts after one step of the tiny config's second epoch (all losses on)."""
+def _one_step(cfg, pair_pids_of, pseudo_ids_of=None):
+  """Parameters and counts after one step of the tiny config's second epoch (all losses on).
+
+  `pseudo_ids_of(split)`, if given, sets the pairs' pseudo identities (relations.clusters)."""
   mesh = parallel.make_mesh()
   tokenizer, splits = datasets.load(cfg.data, ("train",))
   split = splits["train"]
@@ -170,6 +172,10 @@ def _one_step(cfg, pair_pids_of):
   tx, schedule = train.make_optimizer(cfg.train, order.steps_per_epoch)
   rows = identity_graph.padded_size(split.num_pairs, mesh)
   state = train.init_state(model, tx, cfg.seed, rows, mesh)
+  if pseudo_ids_of is not None:
+    pseudo = np.full(rows, -1, np.int32)
+    pseudo[:split.num_pairs] = pseudo_ids_of(split)
+    state = state.replace(pseudo_ids=jnp.asarray(pseudo))
   step = train.make_train_step(model, tx, schedule, cfg, order.steps_per_epoch, tokenizer.mask_id, state, mesh)
   pids = np.full(rows, -1, np.int32)
   pids[:split.num_pairs] = pair_pids_of(split)
@@ -195,6 +201,20 @@ def test_losses_read_person_ids_only_as_the_oracle(tiny_config):
   assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(c.params), jax.tree.leaves(d.params)))
   # With true ids as the relations, every same-person pair is related and nothing else.
   assert counts["lrc_pred"] == counts["lrc_hit"] == counts["lrc_same"]
+
+
+def test_cluster_relations_replace_or_join_the_agreement_relations(tiny_config):
+  true = lambda s: s.pair_person_ids  # noqa: E731
+  tiny_config.relations.clusters.enabled = True
+  tiny_config.relations.clusters.mode = "replace"
+  _, _, counts = _one_step(tiny_config, true, pseudo_ids_of=true)
+  assert counts["lrc_pred"] == counts["lrc_hit"] == counts["lrc_same"] > 0  # exactly the clusters
+  _, _, none = _one_step(tiny_config, true, pseudo_ids_of=lambda s: np.full(s.num_pairs, -1))
+  assert none["lrc_pred"] == 0  # outliers (-1) relate to nothing
+  tiny_config.relations.clusters.mode = "or"
+  tiny_config.relations.image_threshold = tiny_config.relations.text_threshold = -1.0  # agreement: all related
+  _, _, both = _one_step(tiny_config, true, pseudo_ids_of=true)
+  assert both["lrc_pred"] == 16 * 15
 
 
 def test_relation_counts_hand_computed():
