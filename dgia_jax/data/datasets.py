@@ -6,32 +6,61 @@ import os
 
 import tensorflow_datasets as tfds
 
-from data_prep import synthetic_persons
+from data_prep import benchmarks, synthetic_persons
 from dgia_jax.data.pipeline import Split, hold_out_identities, open_split
 from dgia_jax.data.tokenizer import Tokenizer
 
 
-def get_builder(data_cfg, prepare: bool = True) -> tfds.core.DatasetBuilder:
-  """The TFDS builder for `config.data`, prepared if `prepare` and missing."""
-  if data_cfg.name != "synthetic_persons":
-    raise ValueError(f"unknown data set '{data_cfg.name}'; known: synthetic_persons")
+def _synthetic_builder(data_cfg) -> tfds.core.DatasetBuilder:
   cfg = synthetic_persons.SyntheticPersonsConfig.from_sizes(image_size=tuple(data_cfg.image_size),
                                                             **data_cfg.synthetic.to_dict())
-  builder = synthetic_persons.SyntheticPersons(config=cfg, data_dir=data_cfg.data_dir, file_format="array_record")
+  return synthetic_persons.SyntheticPersons(config=cfg, data_dir=data_cfg.data_dir, file_format="array_record")
+
+
+def _prepare_synthetic(builder, data_cfg) -> None:
+  del data_cfg
+  os.makedirs(builder.data_dir_root, exist_ok=True)
+  builder.download_and_prepare()
+
+
+def _benchmark_builder(data_cfg) -> tfds.core.DatasetBuilder:
+  return benchmarks.make_builder(data_cfg.name, data_cfg.data_dir, strict=data_cfg.strict)
+
+
+def _prepare_benchmark(builder, data_cfg) -> None:
+  benchmarks.prepare(builder, data_cfg.manual_dir)
+
+
+# config.data.name -> (builder of config.data, how to prepare it).
+_REGISTRY = {"synthetic_persons": (_synthetic_builder, _prepare_synthetic),
+             **{name: (_benchmark_builder, _prepare_benchmark) for name in benchmarks.BUILDERS}}
+
+
+def get_builder(data_cfg, prepare: bool = True) -> tfds.core.DatasetBuilder:
+  """The TFDS builder for `config.data`, prepared if `prepare` and missing."""
+  if data_cfg.name not in _REGISTRY:
+    raise ValueError(f"unknown data set '{data_cfg.name}'; known: {', '.join(sorted(_REGISTRY))}")
+  make, prepare_fn = _REGISTRY[data_cfg.name]
+  builder = make(data_cfg)
   if not builder.is_prepared():
     if not prepare:
       raise FileNotFoundError(f"data set {builder.info.full_name} is not prepared under {data_cfg.data_dir}; "
                               "run with --config.data.prepare=True")
-    os.makedirs(data_cfg.data_dir, exist_ok=True)
-    builder.download_and_prepare()
-  synthetic_persons.train_tokenizer(builder)
+    prepare_fn(builder, data_cfg)
+  if data_cfg.name == "synthetic_persons":
+    synthetic_persons.train_tokenizer(builder)
   return builder
 
 
 def get_tokenizer(data_cfg, builder: tfds.core.DatasetBuilder) -> Tokenizer:
-  """`config.data.tokenizer` if set, else the tokenizer saved beside the data."""
-  path = data_cfg.tokenizer or os.path.join(builder.data_dir, synthetic_persons.TOKENIZER_FILE)
-  return Tokenizer.from_file(path, data_cfg.context_length)
+  """`config.data.tokenizer` if set, else (synthetic set only) the tokenizer saved beside the data."""
+  if data_cfg.tokenizer:
+    return Tokenizer.from_file(data_cfg.tokenizer, data_cfg.context_length)
+  if data_cfg.name != "synthetic_persons":
+    raise ValueError(f"data set '{data_cfg.name}' needs data.tokenizer: the CLIP checkpoint folder "
+                     "(tokenizer.json, or vocab.json + merges.txt)")
+  return Tokenizer.from_file(os.path.join(builder.data_dir, synthetic_persons.TOKENIZER_FILE),
+                             data_cfg.context_length)
 
 
 def load(data_cfg, splits: tuple[str, ...]) -> tuple[Tokenizer, dict[str, Split]]:

@@ -1,0 +1,17 @@
+"""CUHK-PEDES's settings (configs/cuhk_pedes.py) on RSTPReid (`data_captions.json` + `imgs/`).
+
+  python -m dgia_jax.main --config configs/rstpreid.py --workdir runs/rstpreid \\
+      --config.data.manual_dir=/path/to/RSTPReid \\
+      --config.model.init_from=/path/to/clip-vit-base-patch16 \\
+      --config.data.tokenizer=/path/to/clip-vit-base-patch16
+"""
+
+import os
+
+from dgia_jax import cli
+
+
+def get_config():
+  c = cli.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuhk_pedes.py"))
+  c.name = c.data.name = "rstpreid"
+  return c

@@ -1,0 +1,307 @@
+"""TFDS builders for the three text-to-person benchmarks, read from their original files.
+
+Each benchmark is distributed as one JSON annotation file (a list of records, one per
+image) next to an `imgs/` folder; a record's path is relative to `imgs/`. The keys are the
+ones IRRA's loaders read (`datasets/{cuhkpedes,icfgpedes,rstpreid}.py`):
+
+| builder      | annotation file                       | path key    | splits          |
+| ------------ | ------------------------------------- | ----------- | --------------- |
+| `cuhk_pedes` | `reid_raw.json`                       | `file_path` | train, val, test |
+| `icfg_pedes` | `ICFG-PEDES.json` (or `ICFG_PEDES.json`) | `file_path` | train, test  |
+| `rstpreid`   | `data_captions.json`                  | `img_path`  | train, val, test |
+
+Every record also has `split`, `captions` (a list of strings) and `id` (the person; CUHK-PEDES
+counts from 1). Other keys (`processed_tokens`) are not read. The builders write one example
+per image (`features.person_text_features()`), the original person id kept, the image file's
+bytes stored as they are. Records are written in file order (TFDS shuffling is off), and
+`image_id` is a record's index among its split's records in the file.
+
+Every record is checked before anything is written: the keys, the split name, a non-empty
+list of non-empty captions, an integer id, a path no earlier record has, and an image file
+that exists and that PIL decodes. Strict builders (the default) raise one error listing every
+problem as `record <index> (<path>): <what>`; lenient ones skip the bad records, print how
+many, and list them in `<data_dir>/<name>_problems.jsonl`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from data_prep import features
+
+IMAGE_DIR = "imgs"
+_MAX_LISTED = 100  # problems spelled out in a strict error; the file holds them all
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a benchmark's original files keep what.
+
+  Attributes:
+    annotation_files: accepted names of the JSON file; the first that exists is read.
+    path_key: the record key holding the image path, relative to `imgs/`.
+    splits: the split names records may carry.
+  """
+
+  annotation_files: tuple[str, ...]
+  path_key: str
+  splits: tuple[str, ...]
+
+  @property
+  def required_keys(self) -> tuple[str, ...]:
+    return ("split", "captions", "id", self.path_key)
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One valid annotation record: an image with all its captions."""
+
+  index: int  # position in the annotation file
+  split: str
+  path: str  # as written in the file, relative to imgs/
+  captions: tuple[str, ...]
+  person_id: int
+  image_id: int  # index among the split's records in the file
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """Something wrong with annotation record `index`."""
+
+  index: int
+  path: str
+  what: str
+
+  def __str__(self) -> str:
+    return f"record {self.index} ({self.path}): {self.what}"
+
+
+def annotation_file(manual_dir: str, layout: Layout) -> str:
+  """Path of the layout's annotation file in `manual_dir`; a clear error if there is none."""
+  if not os.path.isdir(manual_dir):
+    raise FileNotFoundError(f"manual_dir {manual_dir} is not a folder")
+  for name in layout.annotation_files:
+    if os.path.isfile(os.path.join(manual_dir, name)):
+      return os.path.join(manual_dir, name)
+  raise FileNotFoundError(f"{manual_dir} holds no annotation file: expected {' or '.join(layout.annotation_files)}")
+
+
+def read_annotations(path: str) -> list:
+  """The JSON list of records in `path`."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      annos = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from e
+  if not isinstance(annos, list):
+    raise ValueError(f"{path} must hold a JSON list of records, found {type(annos).__name__}")
+  return annos
+
+
+def _person_id(value) -> int | None:
+  if isinstance(value, int) and not isinstance(value, bool):
+    return value
+  if isinstance(value, str) and value.strip().isdigit():
+    return int(value)
+  return None
+
+
+def record_problems(anno, layout: Layout) -> list[str]:
+  """What is wrong with one record's fields (image file not checked); [] when nothing."""
+  if not isinstance(anno, dict):
+    return [f"is a JSON {type(anno).__name__}, not an object"]
+  problems = [f"missing key '{k}'" for k in layout.required_keys if k not in anno]
+  if "split" in anno and anno["split"] not in layout.splits:
+    problems.append(f"unknown split {anno['split']!r}; expected one of {list(layout.splits)}")
+  if "captions" in anno:
+    captions = anno["captions"]
+    if not isinstance(captions, list):
+      problems.append(f"captions is a {type(captions).__name__}, not a list")
+    elif not captions:
+      problems.append("empty caption list")
+    else:
+      problems += [f"caption {j} is empty or not a string" for j, c in enumerate(captions)
+                   if not isinstance(c, str) or not c.strip()]
+  if "id" in anno and _person_id(anno["id"]) is None:
+    problems.append(f"id {anno['id']!r} is not an integer")
+  if layout.path_key in anno and (not isinstance(anno[layout.path_key], str) or not anno[layout.path_key]):
+    problems.append(f"{layout.path_key} {anno[layout.path_key]!r} is not a path")
+  return problems
+
+
+def image_problem(path: str) -> str | None:
+  """Why the image file at `path` is unusable (missing, or PIL cannot decode it); None if fine."""
+  if not os.path.isfile(path):
+    return f"image file not found: {path}"
+  try:
+    with Image.open(path) as img:
+      img.load()
+  except Exception as e:  # PIL raises several types for corrupt data
+    return f"cannot read image {path}: {e}"
+  return None
+
+
+def scan(manual_dir: str, layout: Layout, num_threads: int = 8) -> tuple[list[Record], list[Problem]]:
+  """(valid records, problems) of the benchmark in `manual_dir`, in file order.
+
+  A record with any problem is not among the valid ones; a path is a duplicate when an earlier
+  record has the same one (the earlier record is kept).
+  """
+  annos = read_annotations(annotation_file(manual_dir, layout))
+  image_dir = os.path.join(manual_dir, IMAGE_DIR)
+  if not os.path.isdir(image_dir):
+    raise FileNotFoundError(f"{manual_dir} has no {IMAGE_DIR}/ folder of images")
+  paths = [a.get(layout.path_key) if isinstance(a, dict) else None for a in annos]
+  paths = [p if isinstance(p, str) and p else "?" for p in paths]
+  problems = {i: record_problems(a, layout) for i, a in enumerate(annos)}
+  first_of: dict[str, int] = {}
+  for i, p in enumerate(paths):
+    if p == "?":
+      continue
+    key = os.path.normpath(p)
+    if key in first_of:
+      problems[i].append(f"duplicate path: record {first_of[key]} has it too")
+    else:
+      first_of[key] = i
+  checked = [i for i, p in enumerate(paths) if p != "?"]
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:  # PIL decodes without the GIL
+    for i, problem in zip(checked, pool.map(image_problem, [os.path.join(image_dir, paths[i]) for i in checked])):
+      if problem:
+        problems[i].append(problem)
+
+  records, seen = [], dict.fromkeys(layout.splits, 0)  # records of each split so far, bad ones too
+  for i, anno in enumerate(annos):
+    split = anno.get("split") if isinstance(anno, dict) else None
+    if not isinstance(split, str) or split not in seen:
+      continue  # a problem already
+    if not problems[i]:
+      records.append(Record(index=i, split=split, path=paths[i], captions=tuple(anno["captions"]),
+                            person_id=_person_id(anno["id"]), image_id=seen[split]))
+    seen[split] += 1
+  return records, [Problem(i, paths[i], what) for i in problems for what in problems[i]]
+
+
+def write_problems(path: str, problems: list[Problem]) -> None:
+  """One JSON line per bad record: its index, path and every problem."""
+  by_record: dict[int, list[Problem]] = {}
+  for p in problems:
+    by_record.setdefault(p.index, []).append(p)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    for index, ps in by_record.items():
+      f.write(json.dumps({"record": index, "path": ps[0].path, "problems": [p.what for p in ps]}) + "\n")
+
+
+def checked_records(manual_dir: str, layout: Layout, name: str, strict: bool, problems_file: str) -> list[Record]:
+  """The valid records; problems raise (strict) or are skipped, counted and listed in `problems_file`."""
+  records, problems = scan(manual_dir, layout)
+  if problems:
+    write_problems(problems_file, problems)
+    bad = len({p.index for p in problems})
+    if strict:
+      listed = "\n".join(f"  {p}" for p in problems[:_MAX_LISTED])
+      more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+      raise ValueError(f"{name}: {len(problems)} problems in {bad} of {len(records) + bad} records of {manual_dir} "
+                       f"(all listed in {problems_file}; --nostrict skips them):\n{listed}{more}")
+    print(f"{name}: skipped {bad} of {len(records) + bad} records with problems; listed in {problems_file}")
+  elif os.path.exists(problems_file):
+    os.remove(problems_file)  # left by an earlier failed build
+  for split in layout.splits:
+    if not any(r.split == split for r in records):
+      raise ValueError(f"{name}: split '{split}' has no valid records in {manual_dir}")
+  return records
+
+
+class PersonTextBenchmark(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A benchmark read from its original annotation JSON and `imgs/` folder (`manual_dir`)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "manual_dir is the benchmark's original folder: its annotation JSON and imgs/."
+  LAYOUT: Layout
+
+  def __init__(self, *, strict: bool = True, **kwargs):
+    """`strict`: any bad record fails the build; otherwise bad records are skipped and listed."""
+    self.strict = strict
+    super().__init__(**kwargs)
+
+  @property
+  def problems_file(self) -> str:
+    return os.path.join(os.fspath(self.data_dir_root), f"{self.name}_problems.jsonl")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(features=features.person_text_features(), disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    manual_dir = os.fspath(dl_manager.manual_dir)
+    records = checked_records(manual_dir, self.LAYOUT, self.name, self.strict, self.problems_file)
+    return {split: self._generate_examples(manual_dir, [r for r in records if r.split == split])
+            for split in self.LAYOUT.splits}
+
+  def _generate_examples(self, manual_dir: str, records: list[Record]):
+    for r in records:
+      yield r.path, {
+          "image": os.path.join(manual_dir, IMAGE_DIR, r.path),  # the file's bytes, as they are
+          "captions": list(r.captions),
+          "person_id": r.person_id,
+          "image_id": r.image_id,
+          "path": r.path,
+      }
+
+
+class CuhkPedes(PersonTextBenchmark):
+  """CUHK-PEDES (Li et al., CVPR 2017): 40,206 images of 13,003 persons, about two captions each."""
+
+  name = "cuhk_pedes"
+  LAYOUT = Layout(annotation_files=("reid_raw.json",), path_key="file_path", splits=("train", "val", "test"))
+
+
+class IcfgPedes(PersonTextBenchmark):
+  """ICFG-PEDES (Ding et al., 2021): 54,522 images of 4,102 persons, one caption each; no val split."""
+
+  name = "icfg_pedes"
+  LAYOUT = Layout(annotation_files=("ICFG-PEDES.json", "ICFG_PEDES.json"), path_key="file_path",
+                  splits=("train", "test"))
+
+
+class Rstpreid(PersonTextBenchmark):
+  """RSTPReid (Zhu et al., ACM MM 2021): 20,505 images of 4,101 persons, two captions each."""
+
+  name = "rstpreid"
+  LAYOUT = Layout(annotation_files=("data_captions.json",), path_key="img_path", splits=("train", "val", "test"))
+
+
+BUILDERS: dict[str, type[PersonTextBenchmark]] = {b.name: b for b in (CuhkPedes, IcfgPedes, Rstpreid)}
+
+
+def make_builder(name: str, data_dir: str, strict: bool = True) -> PersonTextBenchmark:
+  """The (maybe unprepared) builder of benchmark `name` under `data_dir`."""
+  if name not in BUILDERS:
+    raise ValueError(f"unknown benchmark '{name}'; known: {sorted(BUILDERS)}")
+  return BUILDERS[name](data_dir=data_dir, file_format="array_record", strict=strict)
+
+
+def prepare(builder: PersonTextBenchmark, manual_dir: str) -> None:
+  """Builds `builder` from the original files in `manual_dir` (checked first)."""
+  if not manual_dir:
+    raise ValueError(f"{builder.name} needs the folder of its original files: set data.manual_dir (or --manual_dir)")
+  annotation_file(manual_dir, builder.LAYOUT)  # a clear error before TFDS looks at the folder
+  os.makedirs(os.fspath(builder.data_dir_root), exist_ok=True)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+
+def split_summary(builder: tfds.core.DatasetBuilder) -> dict[str, dict[str, int]]:
+  """Per split of a prepared builder: its images, captions and distinct person ids, read back."""
+  summary = {}
+  for split in builder.info.splits:
+    source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    examples = [source[i] for i in range(len(source))]
+    summary[split] = {"images": len(examples), "captions": sum(len(e["captions"]) for e in examples),
+                      "ids": len({int(e["person_id"]) for e in examples})}
+  return summary

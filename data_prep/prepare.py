@@ -1,0 +1,38 @@
+"""Builds a benchmark from its original files and prints its images, captions and ids per split.
+
+  python -m data_prep.prepare --dataset cuhk_pedes --manual_dir /path/CUHK-PEDES --data_dir data/tfds
+
+`--nostrict` skips bad records (counted, and listed in `<data_dir>/<dataset>_problems.jsonl`)
+instead of failing on them. A data set already built under `--data_dir` is only summarised.
+"""
+
+from absl import app, flags
+
+from data_prep import benchmarks
+
+_DATASET = flags.DEFINE_enum("dataset", None, sorted(benchmarks.BUILDERS), "Benchmark to build.")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder of its original files: annotation JSON and imgs/.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "TFDS data dir to build into.")
+_STRICT = flags.DEFINE_bool("strict", True, "Fail on any bad record (else skip bad records and list them).")
+
+
+def summary_table(summary: dict[str, dict[str, int]]) -> str:
+  """One row per split: `split images captions ids`."""
+  columns = ("images", "captions", "ids")
+  lines = [f"{'split':<8}" + "".join(f"{c:>10}" for c in columns)]
+  lines += [f"{split:<8}" + "".join(f"{s[c]:>10}" for c in columns) for split, s in summary.items()]
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  builder = benchmarks.make_builder(_DATASET.value, _DATA_DIR.value, strict=_STRICT.value)
+  if not builder.is_prepared():
+    benchmarks.prepare(builder, _MANUAL_DIR.value)
+  print(f"{builder.info.full_name} in {builder.data_dir}")
+  print(summary_table(benchmarks.split_summary(builder)))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("dataset")
+  app.run(main)
