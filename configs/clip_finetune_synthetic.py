@@ -31,5 +31,6 @@ def get_config():
   # (a pretrained feature space is spread out from the start); padding 10 at 384×128.
   c.train.update(dict(lr=1e-5, warmup_epochs=5.0, warmup_factor=0.1, epochs=40, batch_size=64))
   c.relations.start_epoch, c.gsrc.start_epoch = 1, 2
+  c.relations.image_threshold = c.relations.text_threshold = 0.7  # the paper's, for a pretrained space
   c.iasc.pad = 10
   return c

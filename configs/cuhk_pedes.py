@@ -29,4 +29,6 @@ def get_config():
   c.data.tokenizer = ""  # required: the CLIP folder (as model.init_from)
   c.train.epochs = 60
   c.loss.temperature = 0.02
+  # Pseudo identities (off by default, docs/CLUSTERING.md) with the field's settings (ICPG).
+  c.relations.clusters.update(dict(start_epoch=1, k1=30, k2=6, eps=0.6, min_samples=4))
   return c
