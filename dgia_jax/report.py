@@ -35,12 +35,15 @@ DPI = 100
 TEXT_WIDTH, CELL_WIDTH, CELL_HEIGHT = 3.0, 1.3, 2.4  # inches of the PNG grid: query text, one result
 COLOURS = {True: "#1a9c3a", False: "#d62728"}
 
-_EMB = flags.DEFINE_string("emb", None, "Export directory (python -m dgia_jax.export).")
-_OUT = flags.DEFINE_string("out", None, "Directory the report is written to.")
-_NUM_QUERIES = flags.DEFINE_integer("num_queries", 8, "Captions to show.")
-_K = flags.DEFINE_integer("k", 5, "Results per caption.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the caption sample.")
-flags.mark_flags_as_required(["emb", "out"])
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a program, so the functions import anywhere."""
+  flags.DEFINE_string("emb", None, "Export directory (python -m dgia_jax.export).", required=True)
+  flags.DEFINE_string("out", None, "Directory the report is written to.", required=True)
+  flags.DEFINE_integer("num_queries", 8, "Captions to show.")
+  flags.DEFINE_integer("k", 5, "Results per caption.")
+  flags.DEFINE_integer("seed", 0, "Seed of the caption sample.")
 
 
 def figure_size(num_queries: int, k: int) -> tuple[float, float]:
@@ -137,14 +140,16 @@ def write_report(emb: gallery.Embeddings, out_dir: str, num_queries: int = 8, k:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
   try:
-    found = write_report(gallery.load(_EMB.value), _OUT.value, _NUM_QUERIES.value, _K.value, _SEED.value)
+    found = write_report(gallery.load(f.emb), f.out, f.num_queries, f.k, f.seed)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
-  print(f"wrote {os.path.join(_OUT.value, HTML_FILE)} and {PNG_FILE}: {len(found['queries'])} captions, "
+  print(f"wrote {os.path.join(f.out, HTML_FILE)} and {PNG_FILE}: {len(found['queries'])} captions, "
         f"Rank-1 hits {int(found['hit'][:, 0].sum())}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

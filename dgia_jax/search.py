@@ -19,16 +19,19 @@ from absl import app, flags, logging
 
 from dgia_jax import cli, gallery, parallel, train
 
-_EMB = flags.DEFINE_string("emb", None, "Export directory (python -m dgia_jax.export).")
-_QUERY = flags.DEFINE_string("query", None, "One text query.")
-_QUERIES_FILE = flags.DEFINE_string("queries_file", None, "File of text queries, one a line (batch mode).")
-_K = flags.DEFINE_integer("k", 10, "Results per query.")
-_INDEX = flags.DEFINE_enum("index", "exact", ("exact", "faiss"), "Exact jitted search, or a FAISS index.")
-_FAISS_FACTORY = flags.DEFINE_string("faiss_factory", "Flat", "FAISS index factory string (Flat: exact).")
-_NPROBE = flags.DEFINE_integer("nprobe", 8, "Inverted lists searched by an IVF FAISS index.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (default: the one the export names).")
-_VERIFY = flags.DEFINE_bool("verify", True, "Check every shard's sha256 against the manifest first.")
-flags.mark_flags_as_required(["emb"])
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a program, so the functions import anywhere."""
+  flags.DEFINE_string("emb", None, "Export directory (python -m dgia_jax.export).", required=True)
+  flags.DEFINE_string("query", None, "One text query.")
+  flags.DEFINE_string("queries_file", None, "File of text queries, one a line (batch mode).")
+  flags.DEFINE_integer("k", 10, "Results per query.")
+  flags.DEFINE_enum("index", "exact", ("exact", "faiss"), "Exact jitted search, or a FAISS index.")
+  flags.DEFINE_string("faiss_factory", "Flat", "FAISS index factory string (Flat: exact).")
+  flags.DEFINE_integer("nprobe", 8, "Inverted lists searched by an IVF FAISS index.")
+  flags.DEFINE_string("workdir", None, "Training workdir (default: the one the export names).")
+  flags.DEFINE_bool("verify", True, "Check every shard's sha256 against the manifest first.")
 
 
 def read_queries(path: str) -> list[str]:
@@ -73,18 +76,19 @@ def format_results(emb: gallery.Embeddings, texts: list[str], scores: np.ndarray
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if (_QUERY.value is None) == (_QUERIES_FILE.value is None):
+  f = flags.FLAGS
+  if (f.query is None) == (f.queries_file is None):
     raise app.UsageError("give exactly one of --query and --queries_file")
   logging.set_verbosity(logging.WARNING)
   try:
-    texts = [_QUERY.value] if _QUERY.value is not None else read_queries(_QUERIES_FILE.value)
-    emb = gallery.load(_EMB.value, verify=_VERIFY.value)
-    scores, rows = search_texts(emb, texts, _K.value, _INDEX.value, _WORKDIR.value, _FAISS_FACTORY.value,
-                                _NPROBE.value)
+    texts = [f.query] if f.query is not None else read_queries(f.queries_file)
+    emb = gallery.load(f.emb, verify=f.verify)
+    scores, rows = search_texts(emb, texts, f.k, f.index, f.workdir, f.faiss_factory, f.nprobe)
   except (FileNotFoundError, ValueError, ImportError) as e:
     sys.exit(f"error: {e}")
   print(format_results(emb, texts, scores, rows))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)
