@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dgia_jax import checkpointing, clustering, evaluate, identity_graph, losses, parallel, perturb, reporting
 from dgia_jax.data import datasets
-from dgia_jax.data.pipeline import EpochOrder, Split, eval_image_batches, eval_text_batches, train_batches
+from dgia_jax.data.pipeline import EpochOrder, Split, eval_image_batches, token_batches, train_batches
 from dgia_jax.models import checkpoint_io, clip
 
 RESULTS_FILE = "results.json"
@@ -281,10 +281,15 @@ def extract_image_features(encoders, params, split: Split, mesh, global_batch: i
   return _encode_all(encoders[0], params, batches, "image", mesh)
 
 
+def encode_tokens(encoders, params, tokens: np.ndarray, mesh, global_batch: int) -> np.ndarray:
+  """float32 [N, D]: one feature per row of tokens int32 [N, L] (captions or free-text queries)."""
+  batches = token_batches(tokens, global_batch, jax.process_index(), jax.process_count())
+  return _encode_all(encoders[1], params, batches, "tokens", mesh)
+
+
 def extract_features(encoders, params, split: Split, mesh, global_batch: int) -> tuple[np.ndarray, np.ndarray]:
   """Text features float32 [P, D] (one per caption) and image features [R, D] (one per image)."""
-  batches = eval_text_batches(split, global_batch, jax.process_index(), jax.process_count())
-  txt = _encode_all(encoders[1], params, batches, "tokens", mesh)
+  txt = encode_tokens(encoders, params, split.tokens, mesh, global_batch)
   return txt, extract_image_features(encoders, params, split, mesh, global_batch)
 
 

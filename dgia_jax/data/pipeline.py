@@ -216,8 +216,14 @@ def eval_image_batches(split: Split, global_batch: int, process_index: int = 0, 
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)))
 
 
+def token_batches(tokens: np.ndarray, global_batch: int, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Every row of tokens int32 [N, L] once, in order: `tokens` int32 [b, L], `valid` bool [b]."""
+  for rows in _padded_rows(len(tokens), global_batch, process_index, process_count):
+    yield {"tokens": tokens[np.maximum(rows, 0)], "valid": rows >= 0}
+
+
 def eval_text_batches(split: Split, global_batch: int, process_index: int = 0,
                       process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Every caption of the split once, in pair order: `tokens` int32 [b, L], `valid` bool [b]."""
-  for rows in _padded_rows(split.num_pairs, global_batch, process_index, process_count):
-    yield {"tokens": split.tokens[np.maximum(rows, 0)], "valid": rows >= 0}
+  """Every caption of the split once, in pair order (see `token_batches`)."""
+  return token_batches(split.tokens, global_batch, process_index, process_count)

@@ -1,0 +1,154 @@
+"""Export, search and report on a tiny trained run: bit-identical exports, the evaluator's
+Rank-k from search, FAISS equal to exact search, errors that name the file, a report that renders."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dgia_jax import evaluate, gallery, parallel, report, search, train
+from dgia_jax.data import datasets
+from tests import helpers
+
+
+def _cli(module, *args):
+  env = {**os.environ, "PYTHONPATH": helpers.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  return subprocess.run([sys.executable, "-m", f"dgia_jax.{module}", *args], cwd=helpers.ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_dir):
+  cfg = helpers.tiny_config(data_dir)
+  cfg.train.epochs = 1
+  workdir = str(tmp_path_factory.mktemp("run"))
+  train.train_and_evaluate(cfg, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+  """The test split exported twice, by the command line and by the function, in shards of 10 rows."""
+  first, second = (str(tmp_path_factory.mktemp(name)) for name in ("emb_cli", "emb_api"))
+  proc = _cli("export", "--workdir", run, "--split", "test", "--out", first, "--shard_rows", "10")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "exported 16 images and 32 captions of split 'test'" in proc.stdout
+  gallery.export_split(run, "test", second, shard_rows=10)
+  return first, second
+
+
+def test_export_is_bit_identical_and_holds_the_evaluators_features(run, exported):
+  first, second = exported
+  manifests = [json.load(open(os.path.join(d, gallery.MANIFEST_FILE))) for d in exported]
+  assert manifests[0]["shards"] == manifests[1]["shards"]
+  assert [e["rows"] for e in manifests[0]["shards"]["images"]] == [10, 6]
+  for entry in manifests[0]["shards"]["images"] + manifests[0]["shards"]["texts"]:
+    with open(os.path.join(first, entry["file"]), "rb") as a, open(os.path.join(second, entry["file"]), "rb") as b:
+      assert a.read() == b.read()
+  config, _, model, params, step = train.load_trained(run)
+  assert manifests[0]["step"] == step and manifests[0]["config"] == config.to_dict()
+  _, splits = datasets.load(config.data, ("test",))
+  split = splits["test"]
+  mesh = parallel.make_mesh()
+  txt, img = train.extract_features(train.make_encoders(model, mesh), params, split, mesh, config.eval.batch_size)
+  emb = gallery.load(first)
+  np.testing.assert_array_equal(np.concatenate(emb.images), img)
+  np.testing.assert_array_equal(np.concatenate(emb.texts), txt)
+  np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, rtol=1e-5)
+  assert [r["path"] for r in emb.image_index] == split.image_paths
+  assert [r["person_id"] for r in emb.text_index] == split.pair_person_ids.tolist()
+  assert [r["caption"] for r in emb.text_index] == split.pair_caption
+
+
+def test_safetensors_export_reads_back_the_same_arrays(run, exported, tmp_path):
+  manifest = gallery.export_split(run, "test", str(tmp_path), shard_rows=10, fmt="safetensors")
+  assert manifest["shards"]["images"][0]["file"] == "images-00000-of-00002.safetensors"
+  a, b = gallery.load(exported[0]), gallery.load(str(tmp_path))
+  for kind in gallery.KINDS:
+    np.testing.assert_array_equal(np.concatenate(getattr(a, kind)), np.concatenate(getattr(b, kind)))
+
+
+def test_search_over_the_export_gives_the_evaluators_rank_k(run, exported):
+  emb = gallery.load(exported[0])
+  captions = [r["caption"] for r in emb.text_index]
+  _, rows = search.search_texts(emb, captions, k=10)
+  image_pids = np.array([r["person_id"] for r in emb.image_index])
+  hit = image_pids[rows] == np.array([r["person_id"] for r in emb.text_index])[:, None]
+  config, _, model, params, _ = train.load_trained(run)
+  _, splits = datasets.load(config.data, ("test",))
+  mesh = parallel.make_mesh()
+  expected = train.evaluate_split(train.make_encoders(model, mesh), params, splits["test"], mesh,
+                                  config.eval.batch_size)["t2i"]
+  for k in (1, 5, 10):
+    assert 100.0 * hit[:, :k].any(1).mean() == expected[f"R{k}"], k
+  # The free-text path embeds a caption as the export did.
+  np.testing.assert_allclose(search.embed_queries(emb, captions[:3]), np.concatenate(emb.texts)[:3], atol=1e-6)
+
+
+def test_exact_search_over_shards_equals_one_gallery_and_faiss():
+  rng = np.random.default_rng(0)
+  unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+  gal, queries = unit(rng.normal(size=(503, 24))), unit(rng.normal(size=(37, 24)))
+  shards = np.array_split(gal, [100, 300, 450])
+  scores, rows = gallery.exact_search(queries, shards, 7)
+  ref_scores, ref_rows = evaluate.top_k(queries, gal, 7)
+  np.testing.assert_array_equal(rows, ref_rows)
+  np.testing.assert_allclose(scores, ref_scores, atol=1e-6)  # the matmul's summation order depends on its shape
+  f_scores, f_rows = gallery.faiss_search(queries, gallery.faiss_index(shards), 7)
+  np.testing.assert_array_equal(f_rows, rows)
+  np.testing.assert_allclose(f_scores, scores, atol=1e-5)
+
+
+def test_damaged_or_missing_files_are_named(exported, tmp_path):
+  copy = str(tmp_path / "emb")
+  shutil.copytree(exported[0], copy)
+  shard = os.path.join(copy, "images-00001-of-00002.npy")
+  np.save(shard, np.zeros((6, 32), np.float32))
+  with pytest.raises(ValueError, match=re.escape(shard) + ": sha256 differs"):
+    gallery.load(copy)
+  np.save(shard, np.zeros((5, 32), np.float32))
+  with pytest.raises(ValueError, match=re.escape(shard) + r": float32 \(5, 32\), the manifest says float32 \(6, 32\)"):
+    gallery.load(copy, verify=False)
+  os.remove(os.path.join(copy, gallery.MANIFEST_FILE))
+  with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+    gallery.load(copy)
+  with pytest.raises(FileNotFoundError, match="is not a training workdir"):
+    gallery.export_split(str(tmp_path / "nowhere"), "test", str(tmp_path / "out"))
+  empty = tmp_path / "queries.txt"
+  empty.write_text("\n  \n")
+  with pytest.raises(ValueError, match=re.escape(str(empty)) + " holds no queries"):
+    search.read_queries(str(empty))
+
+
+def test_search_command_prints_top_k_and_reads_a_query_file(exported, tmp_path):
+  queries = tmp_path / "queries.txt"
+  queries.write_text("a man in red trousers\n\na woman with a pink bag\n")
+  proc = _cli("search", "--emb", exported[0], "--queries_file", str(queries), "-k", "3", "--index", "faiss")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  assert lines[0] == "query 1: a man in red trousers" and lines[4] == "query 2: a woman with a pink bag"
+  assert re.fullmatch(r"\s+1  -?\d\.\d{4}  person \d+  test/\S+\.png", lines[1])
+  bad = _cli("search", "--emb", str(tmp_path), "--query", "x")
+  assert bad.returncode != 0 and bad.stderr.strip() == (
+      f"error: {tmp_path}/manifest.json is missing: {tmp_path} is not an export (python -m dgia_jax.export)")
+
+
+def test_report_html_shows_existing_images_and_the_png_has_its_size(exported, tmp_path):
+  out = str(tmp_path / "report")
+  found = report.write_report(gallery.load(exported[0]), out, num_queries=4, k=3)
+  assert found["rows"].shape == (4, 3)
+  page = open(os.path.join(out, report.HTML_FILE)).read()
+  sources = re.findall(r'<img class="(hit|miss)" src="([^"]+)"', page)
+  assert len(sources) == 12 and page.count("<div class=\"query\">") == 4
+  assert [c == "hit" for c, _ in sources] == found["hit"].ravel().tolist()
+  for _, src in sources:
+    assert os.path.isfile(os.path.join(out, src)), src
+  width, height = report.figure_size(4, 3)
+  with Image.open(os.path.join(out, report.PNG_FILE)) as png:
+    assert png.size == (round(width * report.DPI), round(height * report.DPI))
