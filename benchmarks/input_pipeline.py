@@ -25,6 +25,7 @@ import time
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from data_prep import features
@@ -37,6 +38,7 @@ NUM_IMAGES = 512
 
 class _JpegPedestrians(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
+  pkg_dir_path = epath.Path(__file__).parent  # TFDS cannot infer it when this file runs as __main__
 
   def _info(self):
     return self.dataset_info_from_configs(features=features.person_text_features())
