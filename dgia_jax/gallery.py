@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 
@@ -67,13 +68,20 @@ def write_shards(out_dir: str, kind: str, feats: np.ndarray, shard_rows: int, fm
   for i in range(count):
     part = np.ascontiguousarray(feats[i * shard_rows:(i + 1) * shard_rows], np.float32)
     name = _shard_file(kind, i, count, fmt)
-    path = os.path.join(out_dir, name)
-    if fmt == "npy":
-      np.save(path, part, allow_pickle=False)
-    else:
-      safetensors.numpy.save_file({_TENSOR: part}, path)
-    entries.append({"file": name, "rows": len(part), "sha256": sha256(path)})
+    data = _shard_bytes(part, fmt)
+    with open(os.path.join(out_dir, name), "wb") as f:
+      f.write(data)
+    entries.append({"file": name, "rows": len(part), "sha256": hashlib.sha256(data).hexdigest()})
   return entries
+
+
+def _shard_bytes(part: np.ndarray, fmt: str) -> bytes:
+  """The file contents of one shard float32 [n, D], so it is hashed as written, not read back."""
+  if fmt == "safetensors":
+    return safetensors.numpy.save({_TENSOR: part})
+  buf = io.BytesIO()
+  np.save(buf, part, allow_pickle=False)
+  return buf.getvalue()
 
 
 def _write_jsonl(path: str, rows) -> None:
