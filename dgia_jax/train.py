@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import flax
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -133,7 +134,11 @@ def compute_losses(model: clip.CLIP, params, batch: dict[str, jax.Array], key: j
                                          erase_prob=ic.erase_prob), method=clip.CLIP.encode_image)
     p_txt = apply(perturb.mask_tokens(key_txt, batch["tokens"], batch["index"], eot_id=model.cfg.text.eot_token_id,
                                       mask_id=mask_id, prob=ic.mask_prob), method=clip.CLIP.encode_text)
-    aux["iasc_related"] = related = in_batch_relations(p_img, p_txt)
+    if ic.relations == "clean":  # pair i's perturbed partner shares pair i's identity relations
+      related = aux["lrc_related"] if "lrc_related" in aux else in_batch_relations(img, txt)
+    else:
+      related = in_batch_relations(p_img, p_txt)
+    aux["iasc_related"] = related
     terms["iasc"] = losses.lrc_loss(p_img, p_txt, losses.relation_targets(related, rc.weight), tau)
   if lc.gsrc:
     gc = config.gsrc
@@ -416,16 +421,68 @@ def build_model(config: ml_collections.ConfigDict, tokenizer) -> clip.CLIP:
                                          tokenizer.eot_id, tokenizer.context_length))
 
 
+def is_training_run(path: str) -> bool:
+  """Whether `path` is a dgia-jax training workdir (it holds the config the run saved)."""
+  return bool(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def _run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} is not a training workdir: {CONFIG_FILE} is missing")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def run_tokenizer_path(workdir: str) -> str:
+  """The tokenizer file or folder the training run in `workdir` encoded its captions with."""
+  data_cfg = _run_config(workdir).data
+  return datasets.tokenizer_path(data_cfg, datasets.get_builder(data_cfg, prepare=False))
+
+
+def with_init_tokenizer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config`, with `data.tokenizer` set to the run's when `model.init_from` is a dgia-jax run.
+
+  A model fine-tuned from an earlier run must read token ids as that run did (the synthetic
+  set trains its tokenizer on its own captions); the saved config then names the tokenizer,
+  so `load_trained` of the new run reads the right one.
+  """
+  if config.data.tokenizer or not is_training_run(config.model.init_from):
+    return config
+  config = config.copy_and_resolve_references()
+  config.data.tokenizer = run_tokenizer_path(config.model.init_from)
+  return config
+
+
+def init_params(config: ml_collections.ConfigDict, model: clip.CLIP, tokenizer) -> dict:
+  """Parameters named by `model.init_from`: a dgia-jax run (its latest checkpoint) or a CLIP checkpoint.
+
+  Raises ValueError naming the run and the first parameter whose shape differs from `model`'s.
+  """
+  init_from = config.model.init_from
+  if not is_training_run(init_from):
+    return checkpoint_io.load_clip(init_from, model.cfg, appended_tokens=tokenizer.num_appended,
+                                   cache_dir=config.model.init_cache_dir or None)
+  _, _, _, params, step = load_trained(init_from)
+  images = jnp.zeros((1, *model.cfg.vision.image_size, 3), jnp.float32)
+  tokens = jnp.zeros((1, model.cfg.text.context_length), jnp.int32)
+  want = flax.traverse_util.flatten_dict(jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"],
+                                         sep="/")
+  got = flax.traverse_util.flatten_dict(params, sep="/")
+  for name in sorted(set(want) | set(got)):
+    have, need = (got[name].shape if name in got else "missing"), (want[name].shape if name in want else "absent")
+    if have != need:
+      raise ValueError(f"model.init_from={init_from} (step {step}) does not fit this model: parameter "
+                       f"{name} is {have} there, the config's model has {need}")
+  return params
+
+
 def load_trained(workdir: str, step: int | None = None):
   """(config, tokenizer, model, params, step) of a training run, for inference.
 
   Reads the config the run saved and the parameters of checkpoint `step` (default: latest).
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir} is not a training workdir: {CONFIG_FILE} is missing")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = _run_config(workdir)
   tokenizer = datasets.get_tokenizer(config.data, datasets.get_builder(config.data, prepare=False))
   model = build_model(config, tokenizer)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None)
@@ -445,9 +502,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Writes `metrics.jsonl`, `curves.png` and `results.json` to `workdir` and returns the results.
   """
+  config = with_init_tokenizer(config)
   tcfg = config.train
   if tcfg.on_nonfinite not in ("skip", "stop"):
     raise ValueError(f"train.on_nonfinite must be 'skip' or 'stop', got {tcfg.on_nonfinite!r}")
+  ccfg = config.relations.clusters
+  if ccfg.enabled and ccfg.mode not in ("or", "replace"):
+    raise ValueError(f"relations.clusters.mode must be 'or' or 'replace', got {ccfg.mode!r}")
+  if config.iasc.relations not in ("clean", "perturbed"):
+    raise ValueError(f"iasc.relations must be 'clean' or 'perturbed', got {config.iasc.relations!r}")
   mesh = parallel.make_mesh()
   parallel.check_divisible(tcfg.batch_size, mesh)
   parallel.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
@@ -473,15 +536,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = build_model(config, tokenizer)
   tx, schedule = make_optimizer(tcfg, order.steps_per_epoch)
   padded_pairs = identity_graph.padded_size(train_split.num_pairs, mesh)
-  ccfg = config.relations.clusters
-  if ccfg.enabled and ccfg.mode not in ("or", "replace"):
-    raise ValueError(f"relations.clusters.mode must be 'or' or 'replace', got {ccfg.mode!r}")
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
                                     config.checkpoint.keep)
   pretrained = None
   if config.model.init_from and ckpt.latest_step() is None:  # a resumed run has its own weights
-    pretrained = checkpoint_io.load_clip(config.model.init_from, model.cfg, appended_tokens=tokenizer.num_appended,
-                                         cache_dir=config.model.init_cache_dir or None)
+    pretrained = init_params(config, model, tokenizer)
   state = init_state(model, tx, config.seed, padded_pairs if config.loss.gsrc else 0, mesh, pretrained,
                      pseudo_rows=padded_pairs if ccfg.enabled else 0)
   state = ckpt.restore(state) or state

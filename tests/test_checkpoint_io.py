@@ -237,7 +237,7 @@ def test_architecture_disagreements_are_refused_with_the_fix(ckpt, layout, tmp_p
 def test_not_a_checkpoint_is_refused(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a Hugging Face CLIP folder"):
     checkpoint_io.find_source(str(tmp_path))
-  with pytest.raises(FileNotFoundError, match="CLIP checkpoint not found"):
+  with pytest.raises(FileNotFoundError, match="no such CLIP checkpoint or dgia-jax training workdir"):
     checkpoint_io.find_source(str(tmp_path / "nothing"))
   (tmp_path / "model.safetensors").write_bytes(b"")
   with pytest.raises(ValueError, match="pass the Hugging Face folder holding it"):

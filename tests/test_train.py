@@ -217,6 +217,65 @@ def test_cluster_relations_replace_or_join_the_agreement_relations(tiny_config):
   assert both["lrc_pred"] == 16 * 15
 
 
+def _relation_aux(cfg):
+  """compute_losses' aux on one training batch of the tiny set, relations switched on."""
+  mesh = parallel.make_mesh()
+  tokenizer, splits = datasets.load(cfg.data, ("train",))
+  split = splits["train"]
+  order = pipeline.EpochOrder(split.num_pairs, cfg.train.batch_size, cfg.seed)
+  batch = next(pipeline.train_batches(split, order, start_step=0, end_step=1, num_threads=2))
+  model = train.build_model(cfg, tokenizer)
+  params = model.init(jax.random.key(0), np.zeros((1, *cfg.data.image_size, 3), np.float32),
+                      np.zeros((1, cfg.data.context_length), np.int32))["params"]
+  active = {"relations": jnp.asarray(True), "gsrc": jnp.asarray(False)}
+  _, _, aux = train.compute_losses(model, params, jax.tree.map(jnp.asarray, batch), jax.random.key(1), None,
+                                   jnp.asarray(split.pair_person_ids), active, cfg, tokenizer.mask_id, mesh)
+  return aux
+
+
+def test_perturbed_partners_take_the_clean_pairs_relations_or_their_own(tiny_config):
+  from dgia_jax import losses
+
+  tiny_config.loss.update(dict(lrc=False, gsrc=False))
+  aux = _relation_aux(tiny_config)
+  sims = np.asarray(aux["img"] @ aux["img"].T)
+  # Thresholds at the median cosine: about half the clean pairs are related.
+  th_v, th_t = float(np.median(sims)), float(np.median(np.asarray(aux["txt"] @ aux["txt"].T)))
+  tiny_config.relations.update(dict(image_threshold=th_v, text_threshold=th_t))
+  tiny_config.iasc.relations = "clean"
+  aux = _relation_aux(tiny_config)
+  clean = np.asarray(losses.agreement_relations(aux["img"], aux["txt"], th_v, th_t))
+  np.testing.assert_array_equal(aux["iasc_related"], clean)
+  assert 0 < clean.sum() < clean.size
+  tiny_config.iasc.relations = "perturbed"
+  assert not np.array_equal(_relation_aux(tiny_config)["iasc_related"], clean)
+  tiny_config.iasc.relations = "masked"
+  with pytest.raises(ValueError, match="iasc.relations"):
+    train.train_and_evaluate(tiny_config, "/nonexistent/never-written")
+
+
+def test_fine_tuning_starts_from_a_run_with_its_tokenizer(trained, tiny_config, tmp_path):
+  """`model.init_from` = a training workdir: its final parameters are the start, and its
+  tokenizer (not the new data set's own) encodes the captions and is recorded in the config."""
+  pre_cfg, pre_dir, _ = trained
+  cfg = tiny_config
+  cfg.data.synthetic.seed = 1  # another build: identities, captions and its own tokenizer differ
+  cfg.model.init_from = pre_dir
+  cfg.loss.update(dict(lrc=False, iasc=False, gsrc=False))
+  cfg.train.update(dict(epochs=1, lr=1e-12))
+  train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  saved, tok, _, params, _ = train.load_trained(str(tmp_path / "run"))
+  own = datasets.tokenizer_path(cfg.data, datasets.get_builder(cfg.data, prepare=False))
+  assert saved.data.tokenizer == train.run_tokenizer_path(pre_dir) != own
+  captions = ["a woman wearing a red coat and black trousers"]
+  np.testing.assert_array_equal(tok.encode(captions), train.load_trained(pre_dir)[1].encode(captions))
+  _, _, _, start, _ = train.load_trained(pre_dir)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, start)
+  cfg.model.text.width = 48  # a model the run's weights do not fit
+  with pytest.raises(ValueError, match="text/.* is .* there, the config's model has"):
+    train.train_and_evaluate(cfg, str(tmp_path / "other"))
+
+
 def test_relation_counts_hand_computed():
   aux = {"lrc_related": jnp.array([[1, 1, 0], [1, 1, 1], [0, 1, 1]], bool),
          "gsrc_rows": jnp.array([[3, 4], [0, 2], [4, 1]]), "gsrc_valid": jnp.array([[1, 1], [0, 0], [1, 0]], bool),

@@ -52,15 +52,18 @@ def get_builder(data_cfg, prepare: bool = True) -> tfds.core.DatasetBuilder:
   return builder
 
 
-def get_tokenizer(data_cfg, builder: tfds.core.DatasetBuilder) -> Tokenizer:
+def tokenizer_path(data_cfg, builder: tfds.core.DatasetBuilder) -> str:
   """`config.data.tokenizer` if set, else (synthetic set only) the tokenizer saved beside the data."""
   if data_cfg.tokenizer:
-    return Tokenizer.from_file(data_cfg.tokenizer, data_cfg.context_length)
+    return data_cfg.tokenizer
   if data_cfg.name != "synthetic_persons":
     raise ValueError(f"data set '{data_cfg.name}' needs data.tokenizer: the CLIP checkpoint folder "
                      "(tokenizer.json, or vocab.json + merges.txt)")
-  return Tokenizer.from_file(os.path.join(builder.data_dir, synthetic_persons.TOKENIZER_FILE),
-                             data_cfg.context_length)
+  return os.path.join(builder.data_dir, synthetic_persons.TOKENIZER_FILE)
+
+
+def get_tokenizer(data_cfg, builder: tfds.core.DatasetBuilder) -> Tokenizer:
+  return Tokenizer.from_file(tokenizer_path(data_cfg, builder), data_cfg.context_length)
 
 
 def load(data_cfg, splits: tuple[str, ...]) -> tuple[Tokenizer, dict[str, Split]]:

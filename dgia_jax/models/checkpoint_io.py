@@ -73,7 +73,7 @@ class Source:
 def find_source(path: str) -> Source:
   """The checkpoint at `path`: a Hugging Face CLIP folder or an OpenAI `.pt` file."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
+    raise FileNotFoundError(f"model.init_from={path}: no such CLIP checkpoint or dgia-jax training workdir")
   if not os.path.isdir(path):
     if os.path.basename(path) in HF_WEIGHT_FILES:
       raise ValueError(f"{path}: pass the Hugging Face folder holding it (with its config.json), not the file")

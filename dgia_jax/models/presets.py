@@ -4,7 +4,8 @@ import ml_collections
 
 
 def _model(embed_dim: int, vision: dict, text: dict) -> ml_collections.ConfigDict:
-  """`init_from`: a CLIP checkpoint to start from (`checkpoint_io`; "" = random init);
+  """`init_from`: a CLIP checkpoint (`checkpoint_io`) or a dgia-jax training workdir (its latest
+  checkpoint, and its tokenizer unless `data.tokenizer` is set) to start from ("" = random init);
   `init_cache_dir`: where its converted parameters are cached ("" = ~/.cache/dgia_jax/converted)."""
   return ml_collections.ConfigDict(dict(
       embed_dim=embed_dim, vision=vision, text=text, activation="quick_gelu", dtype="float32", remat=False,
