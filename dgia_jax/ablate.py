@@ -7,7 +7,8 @@ Each (row, seed) trains in `workdir/<row>/seed<k>` with identical data and sched
 sets initialisation, data order and perturbations, and is the same across rows. Finished
 runs are skipped and interrupted ones resume, so the command can simply be rerun. Writes
 `ablation.md` (mean ± std over seeds of text→image Rank-1/5/10, mAP, mINP, for the last
-epoch and for the best-on-validation epoch, with wall time and relation precision),
+epoch and for the best-on-validation epoch, with wall time and relation precision; and each
+row's paired difference to the first row, seed by seed),
 `ablation.json` and `ablation.png` into the workdir.
 """
 
@@ -99,6 +100,12 @@ def summarize(per_row: dict[str, list[dict]]) -> dict:
     values = np.asarray(values, np.float64)
     return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
 
+  def paired(runs, base, which, metric):  # same seed: initialisation and data order cancel
+    value = lambda r: r["final"]["t2i"][metric] if which == "last" else r["best_val"]["test"]["t2i"][metric]  # noqa: E731
+    n = min(len(runs), len(base))
+    return stats([value(a) - value(b) for a, b in zip(runs[:n], base[:n])])
+
+  base_row, base = next(iter(per_row.items()))
   out = {}
   for row, runs in per_row.items():
     out[row] = {
@@ -111,6 +118,10 @@ def summarize(per_row: dict[str, list[dict]]) -> dict:
                       for k in ("lrc_precision", "lrc_recall", "gsrc_precision", "iasc_precision")
                       if all(k in r["relations"] for r in runs)},
     }
+    if row != base_row:
+      out[row]["minus_" + base_row] = {
+          f"{which}_{m}": paired(runs, base, which, m) for which in ("last", "best_val") for m in ("R1", "mAP")
+          if which == "last" or (out[row]["best_val"] and out[base_row]["best_val"])}
   return out
 
 
@@ -128,6 +139,17 @@ def markdown(summary: dict, command: str) -> str:
         continue
       lines.append(f"| {row} | {s['seeds']} | " + " | ".join(cell(s[which][m]) for m in METRICS)
                    + f" | {s['wall_seconds']['mean'] / 60:.1f} min |")
+    lines.append("")
+  base = next(iter(summary))
+  diffs = [(row, s[f"minus_{base}"]) for row, s in summary.items() if f"minus_{base}" in s]
+  if diffs:
+    keys = list(diffs[0][1])
+    lines += [f"Paired differences against `{base}` (same seed; mean ± std over seeds, percentage points):", "",
+              "| row | " + " | ".join("Δ" + k.replace("best_val_", "").replace("last_", "")
+                                      + (" best-val" if k.startswith("best") else " last") for k in keys) + " |",
+              "|---|" + "---|" * len(keys)]
+    for row, d in diffs:
+      lines.append(f"| {row} | " + " | ".join(f"{d[k]['mean']:+.2f} ± {d[k]['std']:.2f}" for k in keys) + " |")
     lines.append("")
   rel_rows = [(row, s["relations"]) for row, s in summary.items() if s["relations"]]
   if rel_rows:

@@ -50,8 +50,14 @@ def test_ablation_writes_table_chart_and_reuses_finished_runs(tmp_path, data_dir
     assert summary[row]["last"]["R1"]["mean"] == pytest.approx(sum(r1) / 2)
     assert summary[row]["best_val"] is not None
   assert "gsrc_precision" in summary["full"]["relations"] and not summary["itc"]["relations"]
+  paired = summary["full"]["minus_itc"]["last_mAP"]
+  full, itc = ([json.load(open(os.path.join(workdir, row, f"seed{s}", "results.json")))["final"]["t2i"]["mAP"]
+                for s in (0, 1)] for row in ("full", "itc"))
+  assert paired["mean"] == pytest.approx((full[0] - itc[0] + full[1] - itc[1]) / 2)
+  assert paired["std"] == pytest.approx(abs((full[0] - itc[0]) - (full[1] - itc[1])) / 2 ** 0.5)
   table = open(os.path.join(workdir, "ablation.md")).read()
   assert "| itc | 2 |" in table and "| full | 2 |" in table and "best epoch on validation" in table
+  assert "Paired differences against `itc`" in table and "| ΔR1 last | ΔmAP last | ΔR1 best-val" in table
   with open(os.path.join(workdir, "ablation.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   stamp = os.path.getmtime(os.path.join(workdir, "full", "seed1", "results.json"))
