@@ -64,3 +64,21 @@ def test_ablation_writes_table_chart_and_reuses_finished_runs(tmp_path, data_dir
   again = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0 and "dgia-jax:" not in again.stdout  # nothing trained again
   assert os.path.getmtime(os.path.join(workdir, "full", "seed1", "results.json")) == stamp
+
+
+def test_fine_tuning_identities_are_disjoint_from_the_pre_training_identities():
+  from dgia_jax.data import datasets
+
+  pre, fine = helpers.load_config("synthetic_pretrain"), helpers.load_config("synthetic_finetune")
+  assert (pre.loss.lrc, pre.loss.iasc, pre.loss.gsrc) == (False, False, False)  # ITC only: no method in the start
+  assert fine.model.init_from == "runs/synthetic_pretrain"
+  assert fine.model.vision.to_dict() == pre.model.vision.to_dict() and fine.data.image_size == pre.data.image_size
+
+  def identities(config):
+    splits = datasets._synthetic_builder(config.data)._identities()
+    return {split: {identity.key() for identity in ids} for split, ids in splits.items()}
+
+  seen = set().union(*identities(pre).values())
+  fine_ids = identities(fine)
+  assert [len(fine_ids[s]) for s in ("train", "val", "test")] == list(fine.data.synthetic.num_ids)
+  assert all(not (keys & seen) for keys in fine_ids.values())
