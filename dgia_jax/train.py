@@ -422,8 +422,10 @@ def build_model(config: ml_collections.ConfigDict, tokenizer) -> clip.CLIP:
 
 
 def is_training_run(path: str) -> bool:
-  """Whether `path` is a dgia-jax training workdir (it holds the config the run saved)."""
-  return bool(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+  """Whether `path` is a dgia-jax training workdir: the config the run saved and its checkpoints
+  (a Hugging Face CLIP folder has a config.json too)."""
+  return bool(path) and os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(
+      os.path.join(path, "checkpoints"))
 
 
 def _run_config(workdir: str) -> ml_collections.ConfigDict:
