@@ -105,6 +105,19 @@ def test_exact_search_over_shards_equals_one_gallery_and_faiss():
   np.testing.assert_allclose(f_scores, scores, atol=1e-5)
 
 
+def test_exact_search_with_shards_smaller_than_k():
+  rng = np.random.default_rng(1)
+  gal, queries = rng.normal(size=(12, 8)).astype(np.float32), rng.normal(size=(5, 8)).astype(np.float32)
+  shards = np.array_split(gal, [3, 5, 6])  # 3, 2, 1 and 6 rows, k = 7
+  scores, rows = gallery.exact_search(queries, shards, 7)
+  ref_scores, ref_rows = evaluate.top_k(queries, gal, 7)
+  np.testing.assert_array_equal(rows, ref_rows)
+  np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+  scores, rows = gallery.exact_search(queries, shards[:2], 7)  # 5 rows in all: every row, best first
+  assert rows.shape == (5, 5) and all(sorted(r) == list(range(5)) for r in rows.tolist())
+  np.testing.assert_array_equal(np.diff(scores, axis=1) <= 0, True)
+
+
 def test_damaged_or_missing_files_are_named(exported, tmp_path):
   copy = str(tmp_path / "emb")
   shutil.copytree(exported[0], copy)
