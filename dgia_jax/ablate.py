@@ -143,11 +143,10 @@ def markdown(summary: dict, command: str) -> str:
   base = next(iter(summary))
   diffs = [(row, s[f"minus_{base}"]) for row, s in summary.items() if f"minus_{base}" in s]
   if diffs:
-    keys = list(diffs[0][1])
+    keys = list(diffs[0][1])  # "<last|best_val>_<metric>"
+    labels = [f"Δ{k.rsplit('_', 1)[1]} {'last' if k.startswith('last') else 'best-val'}" for k in keys]
     lines += [f"Paired differences against `{base}` (same seed; mean ± std over seeds, percentage points):", "",
-              "| row | " + " | ".join("Δ" + k.replace("best_val_", "").replace("last_", "")
-                                      + (" best-val" if k.startswith("best") else " last") for k in keys) + " |",
-              "|---|" + "---|" * len(keys)]
+              "| row | " + " | ".join(labels) + " |", "|---|" + "---|" * len(keys)]
     for row, d in diffs:
       lines.append(f"| {row} | " + " | ".join(f"{d[k]['mean']:+.2f} ± {d[k]['std']:.2f}" for k in keys) + " |")
     lines.append("")

@@ -32,6 +32,7 @@ from dgia_jax.models import checkpoint_io, clip
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
 CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
 
 
 @flax.struct.dataclass
@@ -425,7 +426,7 @@ def is_training_run(path: str) -> bool:
   """Whether `path` is a dgia-jax training workdir: the config the run saved and its checkpoints
   (a Hugging Face CLIP folder has a config.json too)."""
   return bool(path) and os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(
-      os.path.join(path, "checkpoints"))
+      os.path.join(path, CHECKPOINT_DIR))
 
 
 def _run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -465,7 +466,7 @@ def init_params(config: ml_collections.ConfigDict, model: clip.CLIP, tokenizer) 
   if not is_training_run(init_from):
     return checkpoint_io.load_clip(init_from, model.cfg, appended_tokens=tokenizer.num_appended,
                                    cache_dir=config.model.init_cache_dir or None)
-  _, _, _, params, step = load_trained(init_from)
+  step, params = _restore_params(init_from)
   images = jnp.zeros((1, *model.cfg.vision.image_size, 3), jnp.float32)
   tokens = jnp.zeros((1, model.cfg.text.context_length), jnp.int32)
   want = flax.traverse_util.flatten_dict(jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"],
@@ -486,13 +487,18 @@ def load_trained(workdir: str, step: int | None = None):
   """
   config = _run_config(workdir)
   tokenizer = datasets.get_tokenizer(config.data, datasets.get_builder(config.data, prepare=False))
-  model = build_model(config, tokenizer)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), 1, None)
+  step, params = _restore_params(workdir, step)
+  return config, tokenizer, build_model(config, tokenizer), params, step
+
+
+def _restore_params(workdir: str, step: int | None = None) -> tuple[int, dict]:
+  """(step, parameters) of checkpoint `step` (default: latest) of the run in `workdir`."""
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), 1, None)
   try:
     step, raw = ckpt.restore_raw(step)
   finally:
     ckpt.close()
-  return config, tokenizer, model, jax.tree.map(jnp.asarray, raw["params"]), step
+  return step, jax.tree.map(jnp.asarray, raw["params"])
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -538,7 +544,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = build_model(config, tokenizer)
   tx, schedule = make_optimizer(tcfg, order.steps_per_epoch)
   padded_pairs = identity_graph.padded_size(train_split.num_pairs, mesh)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.checkpoint.every_steps,
                                     config.checkpoint.keep)
   pretrained = None
   if config.model.init_from and ckpt.latest_step() is None:  # a resumed run has its own weights
