@@ -1,0 +1,39 @@
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from dgia_jax import host_memory
+
+# Allocates, touches and frees 64 MB twice with malloc (as XLA does its temporary buffers);
+# prints the page faults of the second time.
+_SECOND_ALLOCATION_FAULTS = """
+import ctypes, ctypes.util, resource
+import dgia_jax
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+def touch_and_free():
+  buffer = libc.malloc(1 << 26)
+  ctypes.memset(buffer, 1, 1 << 26)
+  libc.free(buffer)
+touch_and_free()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+touch_and_free()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _second_allocation_faults(switch: str) -> int:
+  env = {**os.environ, host_memory.ENV_SWITCH: switch}
+  out = subprocess.run([sys.executable, "-c", _SECOND_ALLOCATION_FAULTS], env=env, check=True,
+                       capture_output=True, text=True).stdout
+  return int(out.split()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc malloc")
+def test_freed_memory_is_reused_without_page_faults():
+  pages = (1 << 26) // os.sysconf("SC_PAGE_SIZE")
+  assert _second_allocation_faults("1") < pages // 20  # the freed 64 MB is still mapped
+  assert _second_allocation_faults("0") > pages // 2  # glibc's default: munmap, then fault it in again
