@@ -67,6 +67,21 @@ def test_text_feature_is_read_at_end_of_text_and_is_causal(small):
   assert np.abs(enc(base) - enc(before)).max() > 1e-3
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_computing_one_row_per_sequence_matches_the_full_block(causal):
+  block = clip.ResidualAttentionBlock(16, 2, 2, causal, "quick_gelu", jnp.float32)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(4, 7, 16)), jnp.float32)
+  index = jnp.asarray([0, 6, 3, 5], jnp.int32)
+  params = block.init(jax.random.key(0), x)["params"]
+  full = lambda p: block.apply({"params": p}, x)[jnp.arange(4), index]  # noqa: E731
+  rows = lambda p: block.apply({"params": p}, x, index)  # noqa: E731
+  np.testing.assert_allclose(rows(params), full(params), atol=1e-5)
+  weights = jnp.asarray(rng.normal(size=(4, 16)), jnp.float32)
+  grads = [jax.grad(lambda p, f=f: jnp.sum(f(p) * weights))(params) for f in (full, rows)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
+
+
 def test_bfloat16_compute_keeps_float32_params():
   p = presets.small()
   p.dtype = "bfloat16"
@@ -83,4 +98,7 @@ def test_invalid_shapes_are_refused():
     clip.config_from_dict(p, (30, 16), 100, 3, 16)
   p.text.heads = 3
   with pytest.raises(ValueError, match="model.text.width=128 is not divisible by heads=3"):
+    clip.config_from_dict(p, (32, 16), 100, 3, 16)
+  p.vision.layers = 0
+  with pytest.raises(ValueError, match="model.vision.layers=0: a tower needs at least one block"):
     clip.config_from_dict(p, (32, 16), 100, 3, 16)

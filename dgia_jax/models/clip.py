@@ -74,7 +74,8 @@ class LayerNorm(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-  """x + attn(ln_1(x)); x + mlp(ln_2(x)). Input/output [B, T, W]."""
+  """x + attn(ln_1(x)); x + mlp(ln_2(x)). Input [B, T, W]; output [B, T, W], or [B, W] when
+  `query_index` [B] asks for one position per sequence (see `Transformer`)."""
 
   width: int
   heads: int
@@ -84,7 +85,7 @@ class ResidualAttentionBlock(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, query_index: jax.Array | None = None) -> jax.Array:
     b, t, w = x.shape
     attn_std = self.width ** -0.5
     proj_std = attn_std * (2 * self.layers) ** -0.5
@@ -100,16 +101,30 @@ class ResidualAttentionBlock(nn.Module):
     # keeps each a contiguous block, which XLA CPU differentiates ~1.4x faster.
     q, k, v = (a.reshape(b, t, self.heads, w // self.heads)
                for a in jnp.split(dense(3 * w, attn_std, "in_proj")(h), 3, axis=-1))
-    h = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal).reshape(b * t, w)
+    if query_index is None:
+      h = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal).reshape(b * t, w)
+    else:  # one query row per sequence: attention, residual and MLP for that row only
+      rows = jnp.arange(b)
+      mask = (jnp.arange(t) <= query_index[:, None])[:, None, None, :] if self.causal else None  # [B, 1, 1, T]
+      h = jax.nn.dot_product_attention(q[rows, query_index][:, None], k, v, mask=mask).reshape(b, w)
+      x = x.reshape(b, t, w)[rows, query_index]
     x = x + dense(w, proj_std, "out_proj")(h)
 
     h = LayerNorm(name="ln_2")(x)
     h = dense(4 * w, fc_std, "c_fc")(h)
     h = _ACTIVATIONS[self.activation](h)
-    return (x + dense(w, proj_std, "c_proj")(h)).reshape(b, t, w)
+    x = x + dense(w, proj_std, "c_proj")(h)
+    return x if query_index is not None else x.reshape(b, t, w)
 
 
 class Transformer(nn.Module):
+  """Tokens [B, T, W] -> the output at position `query_index[b]` of each sequence [B, W].
+
+  Only that position is read downstream (the class token, the end-of-text token), so the last
+  block computes attention, residual and MLP for it alone: the same features and gradients as
+  running the block on every token, for ~3/4 less of that block's work.
+  """
+
   width: int
   layers: int
   heads: int
@@ -119,11 +134,11 @@ class Transformer(nn.Module):
   remat: bool
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, query_index: jax.Array) -> jax.Array:
     block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
     for i in range(self.layers):
       x = block(self.width, self.heads, self.layers, self.causal, self.activation, self.dtype,
-                name=f"resblocks_{i}")(x)
+                name=f"resblocks_{i}")(x, query_index if i == self.layers - 1 else None)
     return x
 
 
@@ -151,8 +166,8 @@ class VisionTransformer(nn.Module):
     x = x + pos.astype(self.dtype)
     x = LayerNorm(name="ln_pre")(x)
     x = Transformer(c.width, c.layers, c.heads, False, self.activation, self.dtype, self.remat,
-                    name="transformer")(x)
-    x = LayerNorm(name="ln_post")(x[:, 0])
+                    name="transformer")(x, jnp.zeros((b,), jnp.int32))  # the class token
+    x = LayerNorm(name="ln_post")(x)
     proj = self.param("proj", nn.initializers.normal(scale), (c.width, self.output_dim))
     return jnp.dot(x, proj.astype(self.dtype))
 
@@ -173,11 +188,10 @@ class TextTransformer(nn.Module):
                  name="token_embedding")(tokens).astype(self.dtype)
     pos = self.param("positional_embedding", nn.initializers.normal(0.01), (c.context_length, c.width))
     x = x + pos[: tokens.shape[1]].astype(self.dtype)
-    x = Transformer(c.width, c.layers, c.heads, True, self.activation, self.dtype, self.remat,
-                    name="transformer")(x)
-    x = LayerNorm(name="ln_final")(x)
     eot = jnp.argmax(tokens == c.eot_token_id, axis=-1)  # first end-of-text position
-    x = x[jnp.arange(x.shape[0]), eot]
+    x = Transformer(c.width, c.layers, c.heads, True, self.activation, self.dtype, self.remat,
+                    name="transformer")(x, eot)
+    x = LayerNorm(name="ln_final")(x)
     proj = self.param("text_projection", nn.initializers.normal(c.width ** -0.5), (c.width, self.output_dim))
     return jnp.dot(x, proj.astype(self.dtype))
 
@@ -224,6 +238,8 @@ def config_from_dict(model_cfg, image_size: tuple[int, int], vocab_size: int, eo
   if h % v.patch_size or w % v.patch_size:
     raise ValueError(f"image size {h}x{w} is not a multiple of patch size {v.patch_size}")
   for name, tower in (("vision", v), ("text", t)):
+    if tower.layers < 1:
+      raise ValueError(f"model.{name}.layers={tower.layers}: a tower needs at least one block")
     if tower.width % tower.heads:
       raise ValueError(f"model.{name}.width={tower.width} is not divisible by heads={tower.heads}")
   return CLIPConfig(
