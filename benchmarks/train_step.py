@@ -9,9 +9,15 @@ CPU) with `torch.optim.Adam`, as IRRA-style code runs it. Two sizes:
 - `vit_b16`: OpenAI CLIP ViT-B/16 shapes at 384×128 with 77 tokens (the pretrained 14×14
   position grid interpolated to 24×8 on the PyTorch side, as the field does), batch 8 on CPU.
 
-Prints one JSON line with steps/s for each side and the JAX/PyTorch ratio per size.
+Timing alternates the sides over `--rounds` rounds (median reported, every round listed), so
+a slow spell of a shared machine does not favour either. Prints one JSON line, per size:
+steps/s of each side and their ratio; the FLOPs each side executes per step (XLA's cost
+analysis of our compiled step; torch's `FlopCounterMode` for the reference; ours are fewer
+because the last block only computes the feature row, `clip.Transformer`) and the GFLOP/s
+that makes; and the machine's matmul rate at the widest matmul of the image tower through
+XLA and through torch, the ceiling both sides work against.
 
-  python -m benchmarks.train_step [--sizes small,vit_b16] [--steps 5]
+  python -m benchmarks.train_step [--sizes small,vit_b16] [--steps 5] [--rounds 3]
 """
 
 import argparse
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
+from torch.utils import flop_counter
 
 from benchmarks import timing
 from dgia_jax import cli, parallel, train
@@ -39,7 +46,8 @@ SIZES = {
 }
 
 
-def jax_step_rate(preset, image_size, context, vocab, batch, steps, images, tokens) -> float:
+def jax_step(preset, image_size, context, vocab, batch, images, tokens):
+  """(time_steps(n) -> seconds per step, GFLOPs per step from XLA's cost analysis of the step)."""
   config = cli.load_config(DEFAULT_CONFIG)
   config.model = preset()
   config.data.image_size = image_size
@@ -51,14 +59,21 @@ def jax_step_rate(preset, image_size, context, vocab, batch, steps, images, toke
 
   model = train.build_model(config, Tok)
   tx, schedule = train.make_optimizer(config.train, steps_per_epoch=100)
-  state = train.init_state(model, tx, 0, 0, mesh)
-  step = train.make_train_step(model, tx, schedule, config, 100, Tok.mask_id, state, mesh)
+  holder = {"state": train.init_state(model, tx, 0, 0, mesh)}
+  step = train.make_train_step(model, tx, schedule, config, 100, Tok.mask_id, holder["state"], mesh)
   arrays = parallel.to_global({"image": images, "tokens": tokens, "index": np.arange(batch, dtype=np.int32)}, mesh)
-  seconds, _ = timing.seconds_per_step(step, state, arrays, jnp.zeros((batch,), jnp.int32), steps)
-  return 1.0 / seconds
+  pair_pids = jnp.zeros((batch,), jnp.int32)
+  gflops = step.lower(holder["state"], arrays, pair_pids).compile().cost_analysis()["flops"] / 1e9
+
+  def time_steps(n: int) -> float:
+    seconds, holder["state"] = timing.seconds_per_step(step, holder["state"], arrays, pair_pids, n)
+    return seconds
+
+  return time_steps, gflops
 
 
-def torch_step_rate(preset, image_size, context, vocab, batch, steps, images, tokens) -> float:
+def torch_step(preset, image_size, context, vocab, batch, images, tokens):
+  """(time_steps(n) -> seconds per step, GFLOPs per step counted by torch's FlopCounterMode)."""
   p = preset()
   grid = int(round((image_size[0] * image_size[1]) ** 0.5 / p.vision.patch_size))
   cfg = transformers.CLIPConfig(
@@ -86,21 +101,44 @@ def torch_step_rate(preset, image_size, context, vocab, batch, steps, images, to
     loss.backward()
     opt.step()
 
-  for _ in range(2):
+  with flop_counter.FlopCounterMode(display=False) as counter:
     one()
-  start = time.perf_counter()
-  for _ in range(steps):
+  one()
+
+  def time_steps(n: int) -> float:
     one()
-  return steps / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(n):
+      one()
+    return (time.perf_counter() - start) / n
+
+  return time_steps, counter.get_total_flops() / 1e9
+
+
+def matmul_gflops(m: int, k: int, n: int, repeats: int = 20) -> dict[str, float]:
+  """The machine's float32 matmul rate [m, k] @ [k, n] in GFLOP/s, through XLA and through torch."""
+  a, b = np.random.default_rng(0).normal(size=(2, max(m, k), max(k, n))).astype(np.float32)
+  a, b = a[:m, :k].copy(), b[:k, :n].copy()
+  xla_dot = jax.jit(jnp.dot)
+  ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+  rates = {}
+  for name, run in (("xla", lambda: xla_dot(ja, jb).block_until_ready()), ("torch", lambda: torch.mm(ta, tb))):
+    run()
+    start = time.perf_counter()
+    for _ in range(repeats):
+      run()
+    rates[name] = 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
+  return rates
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--sizes", default="small,vit_b16")
-  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=5, help="steps per timing round and side")
+  parser.add_argument("--rounds", type=int, default=3, help="alternating JAX/PyTorch timing rounds")
   args = parser.parse_args()
   out = {"benchmark": "train_step", "device": jax.devices()[0].device_kind, "torch_threads": torch.get_num_threads(),
-         "target_ratio": 1.2}
+         "target_ratio": 1.2, "rounds": args.rounds, "steps_per_round": args.steps}
   for name in args.sizes.split(","):
     preset, image_size, context, vocab, batch = SIZES[name]
     rng = np.random.default_rng(0)
@@ -109,11 +147,26 @@ def main():
     lengths = rng.integers(context // 3, context - 1, size=batch)
     for i, n in enumerate(lengths):
       tokens[i, 0], tokens[i, 1:n], tokens[i, n] = vocab - 3, rng.integers(1, vocab - 3, size=n - 1), vocab - 1
-    ours = jax_step_rate(preset, image_size, context, vocab, batch, args.steps, images, tokens)
-    ref = torch_step_rate(preset, image_size, context, vocab, batch, args.steps, images, tokens)
-    out[name] = {"batch": batch, "image_size": image_size, "context": context,
-                 "jax_steps_per_s": round(ours, 4), "torch_steps_per_s": round(ref, 4),
-                 "jax_over_torch": round(ours / ref, 3)}
+    sides = {"jax": jax_step(preset, image_size, context, vocab, batch, images, tokens),
+             "torch": torch_step(preset, image_size, context, vocab, batch, images, tokens)}
+    # Rounds alternate the two sides, so a slow spell of a shared machine hits both alike.
+    seconds = {side: [] for side in sides}
+    for _ in range(args.rounds):
+      for side, (time_steps, _) in sides.items():
+        seconds[side].append(time_steps(args.steps))
+    rate = {side: 1.0 / float(np.median(s)) for side, s in seconds.items()}
+    vision = preset().vision
+    tokens_per_image = (image_size[0] // vision.patch_size) * (image_size[1] // vision.patch_size) + 1
+    fig = {"batch": batch, "image_size": image_size, "context": context}
+    for side, (_, gflops) in sides.items():
+      fig.update({f"{side}_steps_per_s": round(rate[side], 4),
+                  f"{side}_steps_per_s_by_round": [round(1.0 / s, 4) for s in seconds[side]],
+                  f"{side}_gflops_per_step": round(gflops, 2), f"{side}_gflops_per_s": round(gflops * rate[side], 1)})
+    # The widest matmul of the image tower, [B*T, W] @ [W, 4W]: what the machine's GEMMs reach.
+    fig["matmul_gflops_per_s"] = {k: round(v, 1) for k, v in
+                                  matmul_gflops(batch * tokens_per_image, vision.width, 4 * vision.width).items()}
+    fig["jax_over_torch"] = round(rate["jax"] / rate["torch"], 3)
+    out[name] = fig
   print(json.dumps(out))
 
 

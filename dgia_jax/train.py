@@ -215,17 +215,22 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, schedule
       return total, (terms, aux)
 
     (total, (terms, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    bank = state.bank
-    if bank is not None:
-      bank = identity_graph.update_bank(bank, batch["index"], aux["img"], aux["txt"], config.gsrc.alpha, mesh)
     grad_norm = optax.global_norm(grads)
-    # A non-finite loss or gradient skips the update: parameters, moments and banks stay as they were.
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state), bank=keep(bank, state.bank),
+
+    def update(params, opt_state, bank):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      if bank is not None:
+        bank = identity_graph.update_bank(bank, batch["index"], aux["img"], aux["txt"], config.gsrc.alpha, mesh)
+      return optax.apply_updates(params, updates), opt_state, bank
+
+    # A non-finite loss or gradient skips the update: parameters, moments and banks stay as they
+    # were. A conditional, not a select between new and old values: with the select, XLA copies
+    # every parameter and moment first (761 copies per ViT-B/16 step, 1 with the conditional;
+    # the step +12 % on CPU, docs/BENCHMARKS.md §1).
+    params, opt_state, bank = jax.lax.cond(finite, update, lambda *unchanged: unchanged,
+                                           state.params, state.opt_state, state.bank)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, bank=bank,
                            pseudo_ids=state.pseudo_ids)
     metrics = {"loss": total, **{f"loss_{k}": v for k, v in terms.items()},
                "lr": schedule(state.step), "grad_norm": grad_norm}
