@@ -75,7 +75,7 @@ def measure_step(batch: int, steps: int, profile: str | None) -> dict:
       "tokens": _tokens(rng, batch),
       "index": rng.choice(CUHK_PAIRS, batch, replace=False).astype(np.int32)}, mesh)
   pids = parallel.global_array(rng.integers(0, 11003, size=rows).astype(np.int32), parallel.data_sharding(mesh))
-  flops = step.lower(state, batch_arrays, pids).compile().cost_analysis()["flops"]
+  flops = timing.step_flops(step, state, batch_arrays, pids)
   with jax.profiler.trace(profile) if profile else contextlib.nullcontext():
     seconds, state = timing.seconds_per_step(step, state, batch_arrays, pids, steps, warmup=3)
   return {"seconds_per_step": seconds, "pairs_per_s": batch / seconds, "tflops_per_step": flops / 1e12,

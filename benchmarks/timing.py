@@ -1,4 +1,4 @@
-"""Timing a jitted train step: warm up (compilation included), then time `steps` steps."""
+"""Timing a jitted train step: warm up (compilation included), then time `steps` steps; its FLOPs."""
 
 import time
 
@@ -15,3 +15,8 @@ def seconds_per_step(step, state, batch, pair_pids, steps: int, warmup: int = 2)
     state, metrics, _ = step(state, batch, pair_pids)
   jax.block_until_ready(metrics)
   return (time.perf_counter() - start) / steps, state
+
+
+def step_flops(step, state, batch, pair_pids) -> float:
+  """FLOPs of one `step(state, batch, pair_pids)` from XLA's cost analysis of the compiled program."""
+  return step.lower(state, batch, pair_pids).compile().cost_analysis()["flops"]
