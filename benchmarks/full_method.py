@@ -49,7 +49,7 @@ def measure(full: bool, steps: int, images, tokens, index) -> dict:
   step = train.make_train_step(model, tx, schedule, config, 100, _Tok.mask_id, state, mesh)
   batch = parallel.to_global({"image": images, "tokens": tokens, "index": index}, mesh)
   pids = parallel.global_array(np.zeros(rows, np.int32), parallel.data_sharding(mesh))
-  flops = timing.step_flops(step, state, batch, pids)
+  step, flops = timing.compile_step(step, state, batch, pids)
   seconds, _ = timing.seconds_per_step(step, state, batch, pids, steps)
   return {"gflops_per_step": flops / 1e9, "seconds_per_step": seconds}
 
