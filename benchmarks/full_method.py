@@ -2,14 +2,15 @@
 
 The full step encodes every pair twice (the pair and its information-asymmetric partner)
 and adds the in-batch relation losses and the sharded bank search. The towers dominate,
-so the FLOP ratio full/ITC should be close to 2 (the compiled programs' cost analysis gives
+so the FLOP ratio full/ITC should be close to 2 (XLA's cost analysis of the two programs gives
 the exact figure); the target is a measured time ratio within 10 % of the FLOP ratio, i.e.
 no overhead beyond the arithmetic.
 
-Prints one JSON line: FLOPs per step (XLA cost analysis), seconds per step, and both
-ratios, for the default CPU config at batch 64 with a bank of N = 4,000 pairs.
+Prints one JSON line: FLOPs per step (XLA cost analysis), seconds per step (median of
+alternating rounds, every round listed), and both ratios, for the default CPU config at
+batch 64 with a bank of N = 4,000 pairs.
 
-  python -m benchmarks.full_method [--steps 10]
+  python -m benchmarks.full_method [--steps 5] [--rounds 3]
 """
 
 import argparse
@@ -31,7 +32,8 @@ class _Tok:  # the facts the model needs from a tokenizer
   vocab_size, eot_id, context_length, mask_id = 256, 255, 48, 254
 
 
-def measure(full: bool, steps: int, images, tokens, index) -> dict:
+def build(full: bool, images, tokens, index):
+  """(time_steps(n) -> seconds per step, GFLOPs per step) of the ITC-only or the full step."""
   config = cli.load_config(DEFAULT_CONFIG)
   config.loss.update(dict(lrc=full, iasc=full, gsrc=full))
   config.relations.start_epoch = config.gsrc.start_epoch = 1  # everything on from the first step
@@ -50,13 +52,19 @@ def measure(full: bool, steps: int, images, tokens, index) -> dict:
   batch = parallel.to_global({"image": images, "tokens": tokens, "index": index}, mesh)
   pids = parallel.global_array(np.zeros(rows, np.int32), parallel.data_sharding(mesh))
   step, flops = timing.compile_step(step, state, batch, pids)
-  seconds, _ = timing.seconds_per_step(step, state, batch, pids, steps)
-  return {"gflops_per_step": flops / 1e9, "seconds_per_step": seconds}
+
+  def time_steps(n: int) -> float:
+    nonlocal state  # each round continues from the state the last one left (the old one is donated)
+    seconds, state = timing.seconds_per_step(step, state, batch, pids, n)
+    return seconds
+
+  return time_steps, flops / 1e9
 
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=5, help="steps per round")
+  parser.add_argument("--rounds", type=int, default=3, help="alternating ITC/full timing rounds")
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   batch = 64
@@ -65,13 +73,19 @@ def main():
   for i, n in enumerate(rng.integers(12, 40, size=batch)):
     tokens[i, 0], tokens[i, 1:n], tokens[i, n] = 1, rng.integers(5, 250, size=n - 1), _Tok.eot_id
   index = rng.choice(NUM_PAIRS, batch, replace=False).astype(np.int32)
-  itc = measure(False, args.steps, images, tokens, index)
-  full = measure(True, args.steps, images, tokens, index)
+  steps = {"itc": build(False, images, tokens, index), "full": build(True, images, tokens, index)}
+  rounds = {name: [] for name in steps}
+  for _ in range(args.rounds):  # alternating, so that drift in the machine's speed hits both alike
+    for name, (time_steps, _) in steps.items():
+      rounds[name].append(time_steps(args.steps))
+  itc, full = ({"gflops_per_step": steps[name][1], "seconds_per_step": float(np.median(rounds[name])),
+                "rounds": [round(r, 4) for r in rounds[name]]} for name in ("itc", "full"))
   flop_ratio = full["gflops_per_step"] / itc["gflops_per_step"]
   time_ratio = full["seconds_per_step"] / itc["seconds_per_step"]
   print(json.dumps({
       "benchmark": "full_method", "device": jax.devices()[0].device_kind, "batch": batch, "bank_rows": NUM_PAIRS,
-      "itc": {k: round(v, 4) for k, v in itc.items()}, "full": {k: round(v, 4) for k, v in full.items()},
+      "itc": {k: round(v, 4) if isinstance(v, float) else v for k, v in itc.items()},
+      "full": {k: round(v, 4) if isinstance(v, float) else v for k, v in full.items()},
       "flop_ratio": round(flop_ratio, 3), "time_ratio": round(time_ratio, 3),
       "time_over_flop_ratio": round(time_ratio / flop_ratio, 3), "target": "time ratio within 10% of FLOP ratio"}))
 

@@ -182,6 +182,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  cli.enable_compilation_cache()
   root = _WORKDIR.value
   unknown = [r for r in _ROWS.value if r not in ROWS]
   if unknown:

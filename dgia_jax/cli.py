@@ -4,8 +4,31 @@ import importlib.util
 import os
 import sys
 
+import jax
 import ml_collections
 from absl import flags
+
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "Where compiled XLA programs are kept between runs, so that a resumed run or a rerun of the same "
+    "config skips compilation (a ViT-B/16 train step takes ~4 min to compile for an H100). "
+    "Default: user_cache_dir('xla'); '' turns the cache off.")
+
+
+def user_cache_dir(name: str) -> str:
+  """`$XDG_CACHE_HOME/dgia_jax/<name>`, else `~/.cache/dgia_jax/<name>`."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "dgia_jax", name)
+
+
+def enable_compilation_cache() -> str:
+  """Turns on JAX's persistent compilation cache at `--compilation_cache_dir`; call before the
+  first compilation. Programs that compile in under a second are not kept (JAX's default).
+  Returns the directory ("" when off)."""
+  path = user_cache_dir("xla") if _COMPILATION_CACHE_DIR.value is None else _COMPILATION_CACHE_DIR.value
+  if path:
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+  return path
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:

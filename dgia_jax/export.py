@@ -23,6 +23,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  cli.enable_compilation_cache()
   try:
     m = gallery.export_split(_WORKDIR.value, _SPLIT.value, _OUT.value, _STEP.value, _SHARD_ROWS.value,
                              _FORMAT.value)

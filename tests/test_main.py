@@ -29,3 +29,38 @@ def test_missing_data_without_prepare_is_named(tmp_path):
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
   assert "FileNotFoundError" in last and "is not prepared under" in last and "absent" in last
+
+
+_CACHE_PROBE = """
+import sys
+import jax, jax.numpy as jnp
+from dgia_jax import cli
+cli.parse_flags(sys.argv)
+print("dir=" + cli.enable_compilation_cache())
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # keep even this tiny program
+events = []
+jax.monitoring.register_event_listener(lambda event, **kw: events.append(event))
+jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))))
+print("hits=%d" % sum(e.endswith("/cache_hits") for e in events))
+print("misses=%d" % sum(e.endswith("/cache_misses") for e in events))
+"""
+
+
+def _cache_probe(*flags):
+  proc = subprocess.run([sys.executable, "-c", _CACHE_PROBE, *flags], cwd=helpers.ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  return dict(line.split("=", 1) for line in proc.stdout.split())
+
+
+def test_compilation_cache_is_reused_by_the_next_run(tmp_path):
+  cache = tmp_path / "xla"
+  first = _cache_probe(f"--compilation_cache_dir={cache}")
+  assert first["dir"] == str(cache) and first["hits"] == "0" and int(first["misses"]) >= 1
+  assert any(cache.iterdir())  # the compiled programs were written
+  second = _cache_probe(f"--compilation_cache_dir={cache}")
+  assert (second["hits"], second["misses"]) == (first["misses"], "0")  # every one read back, none recompiled
+
+
+def test_compilation_cache_can_be_turned_off(tmp_path):
+  assert _cache_probe("--compilation_cache_dir=") == {"dir": "", "hits": "0", "misses": "0"}

@@ -53,6 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from dgia_jax import cli
 from dgia_jax.models import clip
 
 _CACHE_FORMAT = 1  # bump when the conversion changes
@@ -417,8 +418,7 @@ def convert(tensors: dict[str, np.ndarray], layout: str, cfg: clip.CLIPConfig, a
 # ---------------------------------------------------------------------------------------
 
 def default_cache_dir() -> str:
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "dgia_jax", "converted")
+  return cli.user_cache_dir("converted")
 
 
 def cache_key(source: Source, cfg: clip.CLIPConfig, appended_tokens: int) -> str:
