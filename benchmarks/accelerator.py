@@ -1,7 +1,8 @@
 """The full method at paper scale on an accelerator: ViT-B/16, 384×128, bf16, all four losses.
 
 Measures, per batch size: step time, pairs/s, FLOPs per step (XLA's cost analysis of the
-lowered step: every op of the program, not a formula) and model FLOPs utilisation against the
+lowered step: every op of the program, not a formula; with --attention cudnn, of the same step
+with XLA's attention, as the fused kernel counts as none) and model FLOPs utilisation against the
 chip's peak; with --profile, the busiest ops of 3 traced steps. Also times an end-to-end
 evaluation of a CUHK-PEDES-sized test split (3,074 images, 6,148 captions: encode both, then
 metrics), its first pass (compilation included) and a second, and projects a 40-epoch
@@ -12,6 +13,7 @@ depend on content). Runs on CPU too, for a smoke test
 (`--batches 2 --steps 1 --eval_batch 4 --eval_fraction 0.002`).
 
   python -m benchmarks.accelerator [--batches 64,128] [--steps 20] [--peak_tflops 989] [--profile /tmp/trace]
+                                  [--attention xla|cudnn]
 
 Prints one JSON line.
 """
@@ -45,10 +47,11 @@ class _ClipTokenizer:  # the facts the model needs from CLIP's tokenizer
   vocab_size, eot_id, context_length, mask_id = 49408, 49407, 77, 49405
 
 
-def _config(batch: int):
+def _config(batch: int, attention: str):
   config = cli.load_config(os.path.join(ROOT, "configs", "default.py"))
   config.model = presets.vit_b16()
   config.model.dtype = "bfloat16"
+  config.model.attention = attention
   config.data.image_size = (384, 128)
   config.iasc.pad = 10
   config.relations.start_epoch = config.gsrc.start_epoch = 1
@@ -63,8 +66,8 @@ def _tokens(rng, n):
   return tokens
 
 
-def measure_step(batch: int, steps: int, profile: str | None) -> dict:
-  config = _config(batch)
+def measure_step(batch: int, steps: int, profile: str | None, attention: str) -> dict:
+  config = _config(batch, attention)
   mesh = parallel.make_mesh()
   model = train.build_model(config, _ClipTokenizer)
   steps_per_epoch = CUHK_PAIRS // batch
@@ -76,7 +79,9 @@ def measure_step(batch: int, steps: int, profile: str | None) -> dict:
   feats /= np.linalg.norm(feats, axis=1, keepdims=True)
   bank = identity_graph.MemoryBank(image=jnp.asarray(feats), text=jnp.asarray(feats), filled=jnp.ones(rows, bool))
   state = state.replace(bank=jax.device_put(bank, parallel.data_sharding(mesh)))
-  step = train.make_train_step(model, tx, schedule, config, steps_per_epoch, _ClipTokenizer.mask_id, state, mesh)
+  make_step = lambda model: train.make_train_step(  # noqa: E731
+      model, tx, schedule, config, steps_per_epoch, _ClipTokenizer.mask_id, state, mesh)
+  step = make_step(model)
   batch_arrays = parallel.to_global({
       "image": rng.integers(0, 256, size=(batch, 384, 128, 3), dtype=np.uint8),
       "tokens": _tokens(rng, batch),
@@ -84,6 +89,9 @@ def measure_step(batch: int, steps: int, profile: str | None) -> dict:
   pids = parallel.global_array(rng.integers(0, 11003, size=rows).astype(np.int32), parallel.data_sharding(mesh))
   _progress(f"batch {batch}: state built; compiling the step")
   step, flops = timing.compile_step(step, state, batch_arrays, pids)
+  if attention != "xla":  # a fused kernel is a custom call, which cost analysis counts as 0 FLOPs
+    xla_model = train.build_model(_config(batch, "xla"), _ClipTokenizer)
+    flops = make_step(xla_model).lower(state, batch_arrays, pids).cost_analysis()["flops"]
   _progress(f"batch {batch}: compiled ({flops / 1e12:.2f} TFLOPs per step); timing {steps} steps")
   seconds, state = timing.seconds_per_step(step, state, batch_arrays, pids, steps, warmup=3)
   _progress(f"batch {batch}: {seconds * 1e3:.1f} ms per step")
@@ -98,11 +106,11 @@ def measure_step(batch: int, steps: int, profile: str | None) -> dict:
   return out | {"params": state.params}
 
 
-def measure_eval(params, batch: int, fraction: float) -> tuple[float, float]:
+def measure_eval(params, batch: int, fraction: float, attention: str) -> tuple[float, float]:
   """Seconds to encode a CUHK-sized test split (scaled by `fraction`) and compute every metric
   both ways: (first pass, compilation of the encoders and metric programs included; a second pass,
   as every later epoch's evaluation in a run)."""
-  config = _config(batch)
+  config = _config(batch, attention)
   mesh = parallel.make_mesh()
   model = train.build_model(config, _ClipTokenizer)
   enc_img, enc_txt = train.make_encoders(model, mesh)
@@ -134,18 +142,20 @@ def main():
   parser.add_argument("--eval_batch", type=int, default=512)
   parser.add_argument("--eval_fraction", type=float, default=1.0, help="scale the test split (CPU smoke tests)")
   parser.add_argument("--profile", default=None, help="trace 3 steps of the first batch size here and report the busiest ops")
+  parser.add_argument("--attention", default="xla", help="model.attention: xla, or cudnn (fused, GPUs)")
   args = parser.parse_args()
   out = {"benchmark": "accelerator", "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-         "flops_source": "XLA cost analysis of the lowered step", "peak_tflops": args.peak_tflops}
+         "flops_source": "XLA cost analysis of the lowered step", "peak_tflops": args.peak_tflops,
+         "attention": args.attention}
   params = None
   for i, batch in enumerate(map(int, args.batches.split(","))):
-    m = measure_step(batch, args.steps, args.profile if i == 0 else None)  # profile once
+    m = measure_step(batch, args.steps, args.profile if i == 0 else None, args.attention)  # profile once
     params = m.pop("params")
     m["mfu"] = m["achieved_tflops"] / args.peak_tflops
     out[f"batch_{batch}"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
     _progress(f"batch {batch}: {json.dumps(out[f'batch_{batch}'])}")
   _progress("evaluation of a CUHK-PEDES-sized test split")
-  first_eval, later_eval = (t / args.eval_fraction for t in measure_eval(params, args.eval_batch, args.eval_fraction))
+  first_eval, later_eval = (t / args.eval_fraction for t in measure_eval(params, args.eval_batch, args.eval_fraction, args.attention))
   out["cuhk_test_eval_seconds"] = {"first": round(first_eval, 2), "later": round(later_eval, 2)}
   first = out[f"batch_{args.batches.split(',')[0]}"]
   train_seconds = EPOCHS * first["steps_per_epoch"] * first["seconds_per_step"]

@@ -82,6 +82,37 @@ def test_block_computing_one_row_per_sequence_matches_the_full_block(causal):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [7, 8])
+def test_padded_attention_matches_unpadded_attention(causal, length):
+  """The padding cuDNN's kernel is given (`padded_attention`) changes no value or gradient; here
+  through XLA's implementation, which takes the same padding lengths."""
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, length, 2, 8)), jnp.float32) for _ in range(3))
+  weights = jnp.asarray(rng.normal(size=(3, length, 2, 8)), jnp.float32)
+  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+  padded = lambda q, k, v: clip.padded_attention(q, k, v, causal, None)  # noqa: E731
+  np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), atol=1e-6)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v) for f in (plain, padded)]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_cudnn_attention_off_a_gpu_gives_the_xla_features():
+  """A model configured for cuDNN attention (trained on a GPU) evaluates on a CPU with XLA's
+  attention: same parameters, same features."""
+  p = presets.small()
+  p.dtype = "bfloat16"
+  images, tokens = jnp.ones((2, 32, 16, 3)), jnp.asarray([[1, 5, 3] + [0] * 13] * 2, jnp.int32)
+  xla = _model(p)
+  p.attention = "cudnn"
+  cudnn = _model(p)
+  assert cudnn.cfg.attention == "cudnn" and jax.default_backend() != "gpu"
+  params = xla.init(jax.random.key(0), images, tokens)
+  for a, b in zip(xla.apply(params, images, tokens), cudnn.apply(params, images, tokens)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_bfloat16_compute_keeps_float32_params():
   p = presets.small()
   p.dtype = "bfloat16"
@@ -102,3 +133,15 @@ def test_invalid_shapes_are_refused():
   p.vision.layers = 0
   with pytest.raises(ValueError, match="model.vision.layers=0: a tower needs at least one block"):
     clip.config_from_dict(p, (32, 16), 100, 3, 16)
+
+
+def test_attention_option_is_checked():
+  p = presets.small()
+  p.attention = "flash"
+  with pytest.raises(ValueError, match=r"model.attention='flash': expected one of \('xla', 'cudnn'\)"):
+    clip.config_from_dict(p, (32, 16), 100, 3, 16)
+  p.attention = "cudnn"
+  with pytest.raises(ValueError, match="needs a 16-bit model.dtype"):
+    clip.config_from_dict(p, (32, 16), 100, 3, 16)
+  del p.attention  # a config saved before the option: XLA's attention
+  assert clip.config_from_dict(p, (32, 16), 100, 3, 16).attention == "xla"

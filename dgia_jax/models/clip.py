@@ -55,6 +55,7 @@ class CLIPConfig:
   activation: str = "quick_gelu"  # OpenAI CLIP; "gelu" for other families
   dtype: str = "float32"  # compute dtype of activations
   remat: bool = False  # rematerialise residual blocks (saves activation memory)
+  attention: str = "xla"  # "xla", or "cudnn": cuDNN's fused kernel on GPUs (see `attention`)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -62,6 +63,36 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 
 _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, implementation: str | None,
+                     multiple: int = 8) -> jax.Array:
+  """Attention over a sequence padded to a multiple of `multiple`, the padding masked by length.
+
+  q, k, v [B, T, heads, d] -> [B, T, heads, d], the same values as unpadded attention. cuDNN's
+  fused training kernels take an odd length only without a bias (the image tower has 193
+  tokens, the text tower 77); lengths are a padding mask, not a bias.
+  """
+  b, t = q.shape[:2]
+  widths = ((0, 0), (0, -t % multiple), (0, 0), (0, 0))
+  lengths = jnp.full((b,), t, jnp.int32)
+  out = jax.nn.dot_product_attention(*(jnp.pad(a, widths) for a in (q, k, v)), is_causal=causal,
+                                     query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :t]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, implementation: str) -> jax.Array:
+  """Multi-head attention, q, k, v [B, T, heads, d] -> [B, T, heads, d].
+
+  "xla": XLA's unfused attention (logits materialised). "cudnn": cuDNN's fused (flash) kernel
+  when running on a GPU, which needs a 16-bit compute dtype; elsewhere (a GPU-trained model
+  evaluated on a CPU) XLA's, on the same parameters.
+  """
+  if implementation == "cudnn" and jax.default_backend() == "gpu":
+    return padded_attention(q, k, v, causal, "cudnn")
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
 
 
 class LayerNorm(nn.Module):
@@ -83,6 +114,7 @@ class ResidualAttentionBlock(nn.Module):
   causal: bool
   activation: str
   dtype: jnp.dtype
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, query_index: jax.Array | None = None) -> jax.Array:
@@ -102,8 +134,8 @@ class ResidualAttentionBlock(nn.Module):
     q, k, v = (a.reshape(b, t, self.heads, w // self.heads)
                for a in jnp.split(dense(3 * w, attn_std, "in_proj")(h), 3, axis=-1))
     if query_index is None:
-      h = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal).reshape(b * t, w)
-    else:  # one query row per sequence: attention, residual and MLP for that row only
+      h = attention(q, k, v, self.causal, self.attention).reshape(b * t, w)
+    else:  # one query row per sequence: attention, residual and MLP for that row only (XLA's: tiny)
       rows = jnp.arange(b)
       mask = (jnp.arange(t) <= query_index[:, None])[:, None, None, :] if self.causal else None  # [B, 1, 1, T]
       h = jax.nn.dot_product_attention(q[rows, query_index][:, None], k, v, mask=mask).reshape(b, w)
@@ -132,12 +164,13 @@ class Transformer(nn.Module):
   activation: str
   dtype: jnp.dtype
   remat: bool
+  attention: str
 
   @nn.compact
   def __call__(self, x: jax.Array, query_index: jax.Array) -> jax.Array:
     block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
     for i in range(self.layers):
-      x = block(self.width, self.heads, self.layers, self.causal, self.activation, self.dtype,
+      x = block(self.width, self.heads, self.layers, self.causal, self.activation, self.dtype, self.attention,
                 name=f"resblocks_{i}")(x, query_index if i == self.layers - 1 else None)
     return x
 
@@ -150,6 +183,7 @@ class VisionTransformer(nn.Module):
   activation: str
   dtype: jnp.dtype
   remat: bool
+  attention: str
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -165,7 +199,7 @@ class VisionTransformer(nn.Module):
     pos = self.param("positional_embedding", nn.initializers.normal(scale), (gh * gw + 1, c.width))
     x = x + pos.astype(self.dtype)
     x = LayerNorm(name="ln_pre")(x)
-    x = Transformer(c.width, c.layers, c.heads, False, self.activation, self.dtype, self.remat,
+    x = Transformer(c.width, c.layers, c.heads, False, self.activation, self.dtype, self.remat, self.attention,
                     name="transformer")(x, jnp.zeros((b,), jnp.int32))  # the class token
     x = LayerNorm(name="ln_post")(x)
     proj = self.param("proj", nn.initializers.normal(scale), (c.width, self.output_dim))
@@ -180,6 +214,7 @@ class TextTransformer(nn.Module):
   activation: str
   dtype: jnp.dtype
   remat: bool
+  attention: str
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -189,7 +224,7 @@ class TextTransformer(nn.Module):
     pos = self.param("positional_embedding", nn.initializers.normal(0.01), (c.context_length, c.width))
     x = x + pos[: tokens.shape[1]].astype(self.dtype)
     eot = jnp.argmax(tokens == c.eot_token_id, axis=-1)  # first end-of-text position
-    x = Transformer(c.width, c.layers, c.heads, True, self.activation, self.dtype, self.remat,
+    x = Transformer(c.width, c.layers, c.heads, True, self.activation, self.dtype, self.remat, self.attention,
                     name="transformer")(x, eot)
     x = LayerNorm(name="ln_final")(x)
     proj = self.param("text_projection", nn.initializers.normal(c.width ** -0.5), (c.width, self.output_dim))
@@ -213,10 +248,9 @@ class CLIP(nn.Module):
   cfg: CLIPConfig
 
   def setup(self):
-    dtype = jnp.dtype(self.cfg.dtype)
-    self.visual = VisionTransformer(self.cfg.vision, self.cfg.embed_dim, self.cfg.activation, dtype,
-                                    self.cfg.remat)
-    self.text = TextTransformer(self.cfg.text, self.cfg.embed_dim, self.cfg.activation, dtype, self.cfg.remat)
+    c, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    self.visual = VisionTransformer(c.vision, c.embed_dim, c.activation, dtype, c.remat, c.attention)
+    self.text = TextTransformer(c.text, c.embed_dim, c.activation, dtype, c.remat, c.attention)
 
   def encode_image(self, images: jax.Array) -> jax.Array:
     """Normalised float images [B, H, W, 3] -> [B, D]."""
@@ -242,6 +276,11 @@ def config_from_dict(model_cfg, image_size: tuple[int, int], vocab_size: int, eo
       raise ValueError(f"model.{name}.layers={tower.layers}: a tower needs at least one block")
     if tower.width % tower.heads:
       raise ValueError(f"model.{name}.width={tower.width} is not divisible by heads={tower.heads}")
+  attention = model_cfg.get("attention", "xla")  # configs saved before the option read as "xla"
+  if attention not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"model.attention={attention!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+  if attention == "cudnn" and model_cfg.dtype not in ("bfloat16", "float16"):
+    raise ValueError(f"model.attention='cudnn' needs a 16-bit model.dtype (bfloat16), not {model_cfg.dtype}")
   return CLIPConfig(
       embed_dim=model_cfg.embed_dim,
       vision=VisionConfig((h, w), v.patch_size, v.width, v.layers, v.heads),
@@ -249,6 +288,7 @@ def config_from_dict(model_cfg, image_size: tuple[int, int], vocab_size: int, eo
       activation=model_cfg.activation,
       dtype=model_cfg.dtype,
       remat=model_cfg.remat,
+      attention=attention,
   )
 
 
