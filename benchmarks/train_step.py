@@ -15,9 +15,11 @@ steps/s of each side and their ratio; the FLOPs each side executes per step (XLA
 analysis of our compiled step; torch's `FlopCounterMode` for the reference; ours are fewer
 because the last block only computes the feature row, `clip.Transformer`) and the GFLOP/s
 that makes; and the machine's matmul rate at the widest matmul of the image tower through
-XLA and through torch, the ceiling both sides work against.
+XLA and through torch, the ceiling both sides work against. With --parts, the same rounds also
+time the forward pass (loss only) and forward + backward (no optimizer) of each side, to show
+where the step's ratio comes from.
 
-  python -m benchmarks.train_step [--sizes small,vit_b16] [--steps 5] [--rounds 3]
+  python -m benchmarks.train_step [--sizes small,vit_b16] [--steps 5] [--rounds 3] [--parts]
 """
 
 import argparse
@@ -46,8 +48,22 @@ SIZES = {
 }
 
 
+def _timer(run):
+  """time(n) -> mean seconds of `run()` over n calls, after one untimed call."""
+  def time_calls(n: int) -> float:
+    run()
+    start = time.perf_counter()
+    for _ in range(n):
+      run()
+    return (time.perf_counter() - start) / n
+  return time_calls
+
+
 def jax_step(preset, image_size, context, vocab, batch, images, tokens):
-  """(time_steps(n) -> seconds per step, GFLOPs per step from XLA's cost analysis of the step)."""
+  """({part: time(n) -> seconds per call}, GFLOPs per step from XLA's cost analysis of the step).
+
+  Parts: "step" (the trainer's step), "forward" (the loss), "forward_backward" (its gradient).
+  """
   config = cli.load_config(DEFAULT_CONFIG)
   config.model = preset()
   config.data.image_size = image_size
@@ -71,11 +87,19 @@ def jax_step(preset, image_size, context, vocab, batch, images, tokens):
     seconds, state = timing.seconds_per_step(step, state, arrays, pair_pids, n)
     return seconds
 
-  return time_steps, gflops
+  def loss(params):
+    active = {"relations": jnp.bool_(True), "gsrc": jnp.bool_(False)}
+    return train.compute_losses(model, params, arrays, jax.random.key(0), None, pair_pids, active, config,
+                                Tok.mask_id, mesh)[0]
+
+  params = jax.tree.map(jnp.copy, state.params)  # the step donates its state
+  forward, forward_backward = jax.jit(loss), jax.jit(jax.grad(loss))
+  return {"step": time_steps, "forward": _timer(lambda: jax.block_until_ready(forward(params))),
+          "forward_backward": _timer(lambda: jax.block_until_ready(forward_backward(params)))}, gflops
 
 
 def torch_step(preset, image_size, context, vocab, batch, images, tokens):
-  """(time_steps(n) -> seconds per step, GFLOPs per step counted by torch's FlopCounterMode)."""
+  """({part: time(n) -> seconds per call}, GFLOPs per step counted by torch's FlopCounterMode)."""
   p = preset()
   grid = int(round((image_size[0] * image_size[1]) ** 0.5 / p.vision.patch_size))
   cfg = transformers.CLIPConfig(
@@ -94,27 +118,28 @@ def torch_step(preset, image_size, context, vocab, batch, images, tokens):
   ids = torch.from_numpy(tokens.astype(np.int64))
   labels = torch.arange(batch)
 
-  def one():
+  def loss():
     img = F.normalize(model.get_image_features(pixel_values=pixels, interpolate_pos_encoding=True).pooler_output)
     txt = F.normalize(model.get_text_features(input_ids=ids).pooler_output)
     logits = img @ txt.T / 0.02
-    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+  def forward():
+    with torch.no_grad():
+      loss()
+
+  def forward_backward():
     opt.zero_grad()
-    loss.backward()
+    loss().backward()
+
+  def one():
+    forward_backward()
     opt.step()
 
   with flop_counter.FlopCounterMode(display=False) as counter:
     one()
-  one()
-
-  def time_steps(n: int) -> float:
-    one()
-    start = time.perf_counter()
-    for _ in range(n):
-      one()
-    return (time.perf_counter() - start) / n
-
-  return time_steps, counter.get_total_flops() / 1e9
+  return {"step": _timer(one), "forward": _timer(forward), "forward_backward": _timer(forward_backward)}, \
+      counter.get_total_flops() / 1e9
 
 
 def matmul_gflops(m: int, k: int, n: int, repeats: int = 20) -> dict[str, float]:
@@ -138,7 +163,9 @@ def main():
   parser.add_argument("--sizes", default="small,vit_b16")
   parser.add_argument("--steps", type=int, default=5, help="steps per timing round and side")
   parser.add_argument("--rounds", type=int, default=3, help="alternating JAX/PyTorch timing rounds")
+  parser.add_argument("--parts", action="store_true", help="also time forward and forward + backward")
   args = parser.parse_args()
+  parts = ["step", "forward", "forward_backward"] if args.parts else ["step"]
   out = {"benchmark": "train_step", "device": jax.devices()[0].device_kind, "torch_threads": torch.get_num_threads(),
          "target_ratio": 1.2, "rounds": args.rounds, "steps_per_round": args.steps}
   for name in args.sizes.split(","):
@@ -152,22 +179,26 @@ def main():
     sides = {"jax": jax_step(preset, image_size, context, vocab, batch, images, tokens),
              "torch": torch_step(preset, image_size, context, vocab, batch, images, tokens)}
     # Rounds alternate the two sides, so a slow spell of a shared machine hits both alike.
-    seconds = {side: [] for side in sides}
+    seconds = {(side, part): [] for part in parts for side in sides}
     for _ in range(args.rounds):
-      for side, (time_steps, _) in sides.items():
-        seconds[side].append(time_steps(args.steps))
-    rate = {side: 1.0 / float(np.median(s)) for side, s in seconds.items()}
+      for side, part in seconds:
+        seconds[side, part].append(sides[side][0][part](args.steps))
+    rate = {side: 1.0 / float(np.median(seconds[side, "step"])) for side in sides}
     vision = preset().vision
     tokens_per_image = (image_size[0] // vision.patch_size) * (image_size[1] // vision.patch_size) + 1
     fig = {"batch": batch, "image_size": image_size, "context": context}
     for side, (_, gflops) in sides.items():
       fig.update({f"{side}_steps_per_s": round(rate[side], 4),
-                  f"{side}_steps_per_s_by_round": [round(1.0 / s, 4) for s in seconds[side]],
+                  f"{side}_steps_per_s_by_round": [round(1.0 / s, 4) for s in seconds[side, "step"]],
                   f"{side}_gflops_per_step": round(gflops, 2), f"{side}_gflops_per_s": round(gflops * rate[side], 1)})
     # The widest matmul of the image tower, [B*T, W] @ [W, 4W]: what the machine's GEMMs reach.
     fig["matmul_gflops_per_s"] = {k: round(v, 1) for k, v in
                                   matmul_gflops(batch * tokens_per_image, vision.width, 4 * vision.width).items()}
     fig["jax_over_torch"] = round(rate["jax"] / rate["torch"], 3)
+    for part in parts[1:]:  # seconds per call (median) of each side, and the speed ratio
+      median = {side: float(np.median(seconds[side, part])) for side in sides}
+      fig[part] = {"jax_seconds": round(median["jax"], 4), "torch_seconds": round(median["torch"], 4),
+                   "jax_over_torch": round(median["torch"] / median["jax"], 3)}
     out[name] = fig
   print(json.dumps(out))
 
