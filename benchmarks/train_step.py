@@ -17,9 +17,11 @@ because the last block only computes the feature row, `clip.Transformer`) and th
 that makes; and the machine's matmul rate at the widest matmul of the image tower through
 XLA and through torch, the ceiling both sides work against. With --parts, the same rounds also
 time the forward pass (loss only) and forward + backward (no optimizer) of each side, to show
-where the step's ratio comes from.
+where the step's ratio comes from. With --layers L1,L2 both towers are built L1 and L2 layers
+deep (all four steps timed in the same rounds) and the step split into what one layer costs
+and what does not repeat with depth, per side.
 
-  python -m benchmarks.train_step [--sizes small,vit_b16] [--steps 5] [--rounds 3] [--parts]
+  python -m benchmarks.train_step [--sizes small,vit_b16] [--steps 5] [--rounds 3] [--parts] [--layers 1,3]
 """
 
 import argparse
@@ -152,48 +154,94 @@ def matmul_gflops(m: int, k: int, n: int, repeats: int = 20) -> dict[str, float]
   return {name: 2 * m * k * n / _timer(run)(repeats) / 1e9 for name, run in runs.items()}
 
 
+def with_layers(preset, layers: int | None):
+  """`preset` with both towers `layers` deep (None: as the preset has them)."""
+  def layered():
+    p = preset()
+    if layers is not None:
+      p.vision.layers = p.text.layers = layers
+    return p
+  return layered
+
+
+def build(name: str, layers: int | None) -> tuple[dict, dict]:
+  """(the size's shapes, {side: ({part: time(n)}, GFLOPs per step)}) for one size at one depth."""
+  preset, image_size, context, vocab, batch = SIZES[name]
+  preset = with_layers(preset, layers)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(batch, *image_size, 3), dtype=np.uint8)
+  tokens = np.zeros((batch, context), np.int32)
+  lengths = rng.integers(context // 3, context - 1, size=batch)
+  for i, n in enumerate(lengths):
+    tokens[i, 0], tokens[i, 1:n], tokens[i, n] = vocab - 3, rng.integers(1, vocab - 3, size=n - 1), vocab - 1
+  vision = preset().vision
+  tokens_per_image = (image_size[0] // vision.patch_size) * (image_size[1] // vision.patch_size) + 1
+  shapes = {"batch": batch, "image_size": image_size, "context": context, "layers": vision.layers,
+            "widest_matmul": (batch * tokens_per_image, vision.width, 4 * vision.width)}
+  return shapes, {"jax": jax_step(preset, image_size, context, vocab, batch, images, tokens),
+                  "torch": torch_step(preset, image_size, context, vocab, batch, images, tokens)}
+
+
+def figures(shapes: dict, sides: dict, seconds: dict, parts: list[str]) -> dict:
+  """One size's figures from its rounds' `seconds[side, part]`: steps/s, FLOPs, matmul ceiling."""
+  rate = {side: 1.0 / float(np.median(seconds[side, "step"])) for side in sides}
+  fig = {k: v for k, v in shapes.items() if k != "widest_matmul"}
+  for side, (_, gflops) in sides.items():
+    fig.update({f"{side}_steps_per_s": round(rate[side], 4),
+                f"{side}_steps_per_s_by_round": [round(1.0 / s, 4) for s in seconds[side, "step"]],
+                f"{side}_gflops_per_step": round(gflops, 2), f"{side}_gflops_per_s": round(gflops * rate[side], 1)})
+  # The widest matmul of the image tower, [B*T, W] @ [W, 4W]: what the machine's GEMMs reach.
+  fig["matmul_gflops_per_s"] = {k: round(v, 1) for k, v in matmul_gflops(*shapes["widest_matmul"]).items()}
+  fig["jax_over_torch"] = round(rate["jax"] / rate["torch"], 3)
+  for part in parts[1:]:  # seconds per call (median) of each side, and the speed ratio
+    median = {side: float(np.median(seconds[side, part])) for side in sides}
+    fig[part] = {"jax_seconds": round(median["jax"], 4), "torch_seconds": round(median["torch"], 4),
+                 "jax_over_torch": round(median["torch"] / median["jax"], 3)}
+  return fig
+
+
+def per_layer(shallow: dict, deep: dict) -> dict:
+  """A step split, from its time at two depths, into one more layer of both towers and the rest.
+
+  step(L) = rest + (L - 1) * layer: the rest is what does not repeat with depth (embeddings, the
+  last block, which computes one row, the loss and the optimizer over those parameters).
+  """
+  out = {}
+  for side in ("jax", "torch"):
+    step = {fig["layers"]: 1.0 / fig[f"{side}_steps_per_s"] for fig in (shallow, deep)}
+    layer = (step[deep["layers"]] - step[shallow["layers"]]) / (deep["layers"] - shallow["layers"])
+    out[side] = {"seconds_per_layer": round(layer, 4),
+                 "seconds_rest": round(step[shallow["layers"]] - (shallow["layers"] - 1) * layer, 4)}
+  out["jax_over_torch"] = {part: round(out["torch"][part] / out["jax"][part], 3) for part in out["jax"]}
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--sizes", default="small,vit_b16")
   parser.add_argument("--steps", type=int, default=5, help="steps per timing round and side")
   parser.add_argument("--rounds", type=int, default=3, help="alternating JAX/PyTorch timing rounds")
   parser.add_argument("--parts", action="store_true", help="also time forward and forward + backward")
+  parser.add_argument("--layers", default="", help="comma-separated depths of both towers (default: the preset's); "
+                      "with two, also the step split into one layer's cost and the rest")
   args = parser.parse_args()
   parts = ["step", "forward", "forward_backward"] if args.parts else ["step"]
+  depths = [int(n) for n in args.layers.split(",")] if args.layers else [None]
   out = {"benchmark": "train_step", "device": jax.devices()[0].device_kind, "torch_threads": torch.get_num_threads(),
          "target_ratio": 1.2, "rounds": args.rounds, "steps_per_round": args.steps}
   for name in args.sizes.split(","):
-    preset, image_size, context, vocab, batch = SIZES[name]
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(batch, *image_size, 3), dtype=np.uint8)
-    tokens = np.zeros((batch, context), np.int32)
-    lengths = rng.integers(context // 3, context - 1, size=batch)
-    for i, n in enumerate(lengths):
-      tokens[i, 0], tokens[i, 1:n], tokens[i, n] = vocab - 3, rng.integers(1, vocab - 3, size=n - 1), vocab - 1
-    sides = {"jax": jax_step(preset, image_size, context, vocab, batch, images, tokens),
-             "torch": torch_step(preset, image_size, context, vocab, batch, images, tokens)}
-    # Rounds alternate the two sides, so a slow spell of a shared machine hits both alike.
-    seconds = {(side, part): [] for part in parts for side in sides}
+    built = {layers: build(name, layers) for layers in depths}
+    # Rounds alternate the sides (and depths), so a slow spell of a shared machine hits all alike.
+    seconds = {(layers, side, part): [] for layers in depths for part in parts for side in built[layers][1]}
     for _ in range(args.rounds):
-      for side, part in seconds:
-        seconds[side, part].append(sides[side][0][part](args.steps))
-    rate = {side: 1.0 / float(np.median(seconds[side, "step"])) for side in sides}
-    vision = preset().vision
-    tokens_per_image = (image_size[0] // vision.patch_size) * (image_size[1] // vision.patch_size) + 1
-    fig = {"batch": batch, "image_size": image_size, "context": context}
-    for side, (_, gflops) in sides.items():
-      fig.update({f"{side}_steps_per_s": round(rate[side], 4),
-                  f"{side}_steps_per_s_by_round": [round(1.0 / s, 4) for s in seconds[side, "step"]],
-                  f"{side}_gflops_per_step": round(gflops, 2), f"{side}_gflops_per_s": round(gflops * rate[side], 1)})
-    # The widest matmul of the image tower, [B*T, W] @ [W, 4W]: what the machine's GEMMs reach.
-    fig["matmul_gflops_per_s"] = {k: round(v, 1) for k, v in
-                                  matmul_gflops(batch * tokens_per_image, vision.width, 4 * vision.width).items()}
-    fig["jax_over_torch"] = round(rate["jax"] / rate["torch"], 3)
-    for part in parts[1:]:  # seconds per call (median) of each side, and the speed ratio
-      median = {side: float(np.median(seconds[side, part])) for side in sides}
-      fig[part] = {"jax_seconds": round(median["jax"], 4), "torch_seconds": round(median["torch"], 4),
-                   "jax_over_torch": round(median["torch"] / median["jax"], 3)}
-    out[name] = fig
+      for layers, side, part in seconds:
+        seconds[layers, side, part].append(built[layers][1][side][0][part](args.steps))
+    figs = [figures(*built[layers], {k[1:]: v for k, v in seconds.items() if k[0] == layers}, parts)
+            for layers in depths]
+    for layers, fig in zip(depths, figs):
+      out[name if layers is None else f"{name}@{layers}_layers"] = fig
+    if len(figs) == 2:
+      out[f"{name}_per_layer"] = per_layer(*figs)
   print(json.dumps(out))
 
 
