@@ -10,7 +10,9 @@ CUHK-PEDES run (68,126 pairs per epoch, evaluation every epoch). Progress goes t
 
 The memory banks hold N = 68,126 rows, as on CUHK-PEDES. Inputs are random (speed does not
 depend on content). Runs on CPU too, for a smoke test
-(`--batches 2 --steps 1 --eval_batch 4 --eval_fraction 0.002`).
+(`--batches 2 --steps 1 --eval_batch 4 --eval_fraction 0.002`). With --attention cudnn, the fused
+kernel is first tried alone at both towers' shapes; if it is refused, the error goes into the
+JSON line (`cudnn_preflight`) and the run measures XLA's attention instead.
 
   python -m benchmarks.accelerator [--batches 64,128] [--steps 20] [--peak_tflops 989] [--profile /tmp/trace]
                                   [--attention xla|cudnn]
@@ -30,7 +32,7 @@ import numpy as np
 
 from benchmarks import timing
 from dgia_jax import cli, evaluate, identity_graph, parallel, train
-from dgia_jax.models import presets
+from dgia_jax.models import clip, presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUHK_PAIRS, CUHK_TEST_IMAGES, CUHK_TEST_CAPTIONS, EPOCHS = 68126, 3074, 6148, 40
@@ -64,6 +66,24 @@ def _tokens(rng, n):
   for i, length in enumerate(rng.integers(20, 70, size=n)):
     tokens[i, 0], tokens[i, 1:length], tokens[i, length] = 49406, rng.integers(1, 49000, size=length - 1), 49407
   return tokens
+
+
+def cudnn_preflight(batch: int) -> str | None:
+  """None if cuDNN's fused attention runs forward and backward at both towers' shapes (bf16),
+  else its error: a refused kernel shows in seconds, not after minutes of compiling the step."""
+  config = _config(batch, "cudnn")
+  v, t = config.model.vision, config.model.text
+  h, w = config.data.image_size
+  shapes = [((h // v.patch_size) * (w // v.patch_size) + 1, v.heads, v.width // v.heads, False),  # image tower
+            (_ClipTokenizer.context_length, t.heads, t.width // t.heads, True)]  # text tower, causal
+  try:
+    for length, heads, dim, causal in shapes:
+      q = jnp.ones((batch, length, heads, dim), jnp.bfloat16)
+      loss = lambda q, causal=causal: clip.padded_attention(q, q, q, causal, "cudnn").astype(jnp.float32).sum()  # noqa: E731
+      jax.block_until_ready(jax.jit(jax.grad(loss))(q))
+  except Exception as error:  # noqa: BLE001 (reported in the JSON line; the run falls back to XLA's attention)
+    return f"{type(error).__name__}: {error}"
+  return None
 
 
 def measure_step(batch: int, steps: int, profile: str | None, attention: str) -> dict:
@@ -147,6 +167,12 @@ def main():
   out = {"benchmark": "accelerator", "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
          "flops_source": "XLA cost analysis of the lowered step", "peak_tflops": args.peak_tflops,
          "attention": args.attention}
+  if args.attention == "cudnn":
+    refused = cudnn_preflight(int(args.batches.split(",")[0]))
+    out["cudnn_preflight"] = refused or "ok"
+    if refused:
+      _progress(f"cuDNN attention refused ({refused}); measuring with XLA's attention instead")
+      args.attention = out["attention"] = "xla"
   params = None
   for i, batch in enumerate(map(int, args.batches.split(","))):
     m = measure_step(batch, args.steps, args.profile if i == 0 else None, args.attention)  # profile once
