@@ -72,10 +72,11 @@ def cudnn_preflight(batch: int) -> str | None:
   """None if cuDNN's fused attention runs forward and backward at both towers' shapes (bf16),
   else its error: a refused kernel shows in seconds, not after minutes of compiling the step."""
   config = _config(batch, "cudnn")
-  v, t = config.model.vision, config.model.text
-  h, w = config.data.image_size
-  shapes = [((h // v.patch_size) * (w // v.patch_size) + 1, v.heads, v.width // v.heads, False),  # image tower
-            (_ClipTokenizer.context_length, t.heads, t.width // t.heads, True)]  # text tower, causal
+  tok = _ClipTokenizer
+  cfg = clip.config_from_dict(config.model, config.data.image_size, tok.vocab_size, tok.eot_id, tok.context_length)
+  v, t = cfg.vision, cfg.text
+  shapes = [(v.grid[0] * v.grid[1] + 1, v.heads, v.width // v.heads, False),  # image tower: patches + class token
+            (t.context_length, t.heads, t.width // t.heads, True)]  # text tower, causal
   try:
     for length, heads, dim, causal in shapes:
       q = jnp.ones((batch, length, heads, dim), jnp.bfloat16)
@@ -167,21 +168,22 @@ def main():
   out = {"benchmark": "accelerator", "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
          "flops_source": "XLA cost analysis of the lowered step", "peak_tflops": args.peak_tflops,
          "attention": args.attention}
-  if args.attention == "cudnn":
+  attention = args.attention
+  if attention == "cudnn":
     refused = cudnn_preflight(int(args.batches.split(",")[0]))
     out["cudnn_preflight"] = refused or "ok"
     if refused:
       _progress(f"cuDNN attention refused ({refused}); measuring with XLA's attention instead")
-      args.attention = out["attention"] = "xla"
+      attention = out["attention"] = "xla"
   params = None
   for i, batch in enumerate(map(int, args.batches.split(","))):
-    m = measure_step(batch, args.steps, args.profile if i == 0 else None, args.attention)  # profile once
+    m = measure_step(batch, args.steps, args.profile if i == 0 else None, attention)  # profile once
     params = m.pop("params")
     m["mfu"] = m["achieved_tflops"] / args.peak_tflops
     out[f"batch_{batch}"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
     _progress(f"batch {batch}: {json.dumps(out[f'batch_{batch}'])}")
   _progress("evaluation of a CUHK-PEDES-sized test split")
-  first_eval, later_eval = (t / args.eval_fraction for t in measure_eval(params, args.eval_batch, args.eval_fraction, args.attention))
+  first_eval, later_eval = (t / args.eval_fraction for t in measure_eval(params, args.eval_batch, args.eval_fraction, attention))
   out["cuhk_test_eval_seconds"] = {"first": round(first_eval, 2), "later": round(later_eval, 2)}
   first = out[f"batch_{args.batches.split(',')[0]}"]
   train_seconds = EPOCHS * first["steps_per_epoch"] * first["seconds_per_step"]

@@ -232,12 +232,12 @@ def main():
   for name in args.sizes.split(","):
     built = {layers: build(name, layers) for layers in depths}
     # Rounds alternate the sides (and depths), so a slow spell of a shared machine hits all alike.
-    seconds = {(layers, side, part): [] for layers in depths for part in parts for side in built[layers][1]}
+    seconds = {layers: {(side, part): [] for part in parts for side in sides} for layers, (_, sides) in built.items()}
     for _ in range(args.rounds):
-      for layers, side, part in seconds:
-        seconds[layers, side, part].append(built[layers][1][side][0][part](args.steps))
-    figs = [figures(*built[layers], {k[1:]: v for k, v in seconds.items() if k[0] == layers}, parts)
-            for layers in depths]
+      for layers, by_part in seconds.items():
+        for side, part in by_part:
+          by_part[side, part].append(built[layers][1][side][0][part](args.steps))
+    figs = [figures(*built[layers], seconds[layers], parts) for layers in depths]
     for layers, fig in zip(depths, figs):
       out[name if layers is None else f"{name}@{layers}_layers"] = fig
     if len(figs) == 2:
