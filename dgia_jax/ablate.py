@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from dgia_jax import cli, reporting, train  # noqa: E402
@@ -179,10 +179,7 @@ def bar_chart(summary: dict, path: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  cli.enable_compilation_cache()
+  cli.start(argv)
   root = _WORKDIR.value
   unknown = [r for r in _ROWS.value if r not in ROWS]
   if unknown:

@@ -6,7 +6,7 @@ import sys
 
 import jax
 import ml_collections
-from absl import flags
+from absl import app, flags, logging
 
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None,
@@ -29,6 +29,15 @@ def enable_compilation_cache() -> str:
   if path:
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
   return path
+
+
+def start(argv: list[str]) -> None:
+  """What every entry point does first: refuse positional arguments, log warnings and errors only
+  (orbax logs every checkpoint step at INFO), and turn on the compilation cache."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  enable_compilation_cache()
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:

@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dgia_jax import cli, gallery  # noqa: E402
@@ -138,10 +138,8 @@ def write_report(emb: gallery.Embeddings, out_dir: str, num_queries: int = 8, k:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.start(argv)
   f = flags.FLAGS
-  logging.set_verbosity(logging.WARNING)
   try:
     found = write_report(gallery.load(f.emb), f.out, f.num_queries, f.k, f.seed)
   except (FileNotFoundError, ValueError) as e:

@@ -1,4 +1,4 @@
-"""Metrics to a JSONL file, a progress line, and training curves as PNG."""
+"""Metrics to a JSONL file, results as JSON, and training curves as PNG."""
 
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ class MetricWriter:
     if self.enabled:
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def write_json(path: str, obj) -> None:
+  """`obj` as indented JSON at `path`, written whole or not at all (a temporary file renamed)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, default=str)
+  os.replace(tmp, path)
 
 
 def plot_curves(records: list[dict], path: str, title: str = "") -> None:
