@@ -1,12 +1,12 @@
 """Exports a trained run's image and caption embeddings of one split (layout: `gallery`).
 
   python -m dgia_jax.export --workdir runs/default --split test --out emb/ \
-      [--step N] [--shard_rows 65536] [--format safetensors]
+      [--step N | --best] [--shard_rows 65536] [--format safetensors]
 """
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from dgia_jax import cli, gallery
 
@@ -14,24 +14,23 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json +
 _SPLIT = flags.DEFINE_string("split", "test", "Split of the run's data set to embed.")
 _OUT = flags.DEFINE_string("out", None, "Directory the embeddings and their index are written to.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_BEST = flags.DEFINE_bool("best", False, "Embed with the best-on-validation parameters the run kept (workdir/best).")
 _SHARD_ROWS = flags.DEFINE_integer("shard_rows", 65536, "Rows per embedding shard.")
 _FORMAT = flags.DEFINE_enum("format", "npy", gallery.FORMATS, "File format of the shards.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  cli.enable_compilation_cache()
+  cli.start(argv)
   try:
     m = gallery.export_split(_WORKDIR.value, _SPLIT.value, _OUT.value, _STEP.value, _SHARD_ROWS.value,
-                             _FORMAT.value)
+                             _FORMAT.value, _BEST.value)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   shards = len(m["shards"]["images"]) + len(m["shards"]["texts"])
   print(f"exported {m['counts']['images']} images and {m['counts']['texts']} captions of split '{m['split']}' "
-        f"(step {m['step']}, dim {m['dim']}) to {_OUT.value}: {shards} {m['format']} shards")
+        f"(step {m['step']}{', best on validation' if m['best'] else ''}, dim {m['dim']}) to {_OUT.value}: "
+        f"{shards} {m['format']} shards")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 `python -m dgia_jax.export` writes an export, `dgia_jax.search` and `dgia_jax.report` read
 it. Layout of an export directory (row i of an index is row i of its shards, concatenated):
 
-  manifest.json                  run config, checkpoint step, workdir, split, dim, counts, format,
+  manifest.json                  run config, checkpoint step (`best`: the best-on-validation one),
+                                 workdir, split, dim, counts, format,
                                  and every shard with its row count and sha256
   images-00000-of-00001.npy      float32 [rows, D] L2-normalised image embeddings, in record order,
                                  at most `shard_rows` rows per shard
@@ -36,7 +37,7 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from dgia_jax import evaluate, parallel, train
+from dgia_jax import evaluate, parallel, reporting, train
 from dgia_jax.data import datasets
 
 MANIFEST_FILE = "manifest.json"
@@ -103,13 +104,14 @@ def _remove_previous(out_dir: str) -> None:
 
 
 def export_split(workdir: str, split_name: str, out_dir: str, step: int | None = None, shard_rows: int = 65536,
-                 fmt: str = "npy") -> dict:
-  """Embeds every image and caption of `split_name` with checkpoint `step` of `workdir`; returns the manifest."""
+                 fmt: str = "npy", best: bool = False) -> dict:
+  """Embeds every image and caption of `split_name` with checkpoint `step` of `workdir` (its
+  best-on-validation one if `best`); returns the manifest."""
   if fmt not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
   if shard_rows < 1:
     raise ValueError(f"shard_rows must be positive, got {shard_rows}")
-  config, _, model, params, step = train.load_trained(workdir, step)
+  config, _, model, params, step = train.load_trained(workdir, step, best)
   _, splits = datasets.load(config.data, (split_name,))
   split = splits[split_name]
   mesh = parallel.make_mesh()
@@ -123,13 +125,10 @@ def export_split(workdir: str, split_name: str, out_dir: str, step: int | None =
   _write_jsonl(os.path.join(out_dir, index_file("texts")),
                ({"row": i, "caption": c, "record": int(r), "person_id": int(split.person_ids[r])}
                 for i, (c, r) in enumerate(zip(split.pair_caption, split.pair_record))))
-  manifest = {"workdir": os.path.abspath(workdir), "step": int(step), "split": split_name, "format": fmt,
+  manifest = {"workdir": os.path.abspath(workdir), "step": int(step), "best": best, "split": split_name, "format": fmt,
               "dim": int(img.shape[1]), "counts": {"images": len(img), "texts": len(txt)}, "shards": shards,
               "config": config.to_dict()}
-  tmp = os.path.join(out_dir, MANIFEST_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, os.path.join(out_dir, MANIFEST_FILE))
+  reporting.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
   return manifest
 
 

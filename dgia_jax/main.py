@@ -6,7 +6,7 @@
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from dgia_jax import cli, parallel, train
@@ -25,10 +25,7 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the run saved a checkpoint and can b
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-  cli.enable_compilation_cache()
+  cli.start(argv)
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   _DISTRIBUTED_AUTO.value)
   try:
@@ -36,8 +33,7 @@ def main(argv):
   except train.Preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
   final = results["final"]
-  print(f"final ({final['split']}, epoch {final['epoch']}): text→image "
-        + " ".join(f"{k}={v:.2f}" for k, v in final["t2i"].items()))
+  print(f"final ({final['split']}, epoch {final['epoch']}): text→image {train.format_metrics(final['t2i'])}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
   python -m dgia_jax.search --emb emb/ --queries_file queries.txt -k 10      # one query a line
   python -m dgia_jax.search --emb emb/ --query "..." --index faiss [--faiss_factory IVF1024,PQ32]
 
-Queries are embedded by the text tower of the run and checkpoint step the export names
+Queries are embedded by the text tower of the run and checkpoint the export names
 (`--workdir` if the run has moved). Exact search is a jitted matmul + top-k per shard
 (`gallery.exact_search`); `--index faiss` builds a FAISS index shard by shard instead
 (faiss-cpu, imported only then).
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from dgia_jax import cli, gallery, parallel, train
 
@@ -44,8 +44,9 @@ def read_queries(path: str) -> list[str]:
 
 
 def embed_queries(emb: gallery.Embeddings, texts: list[str], workdir: str | None = None) -> np.ndarray:
-  """float32 [Q, D]: the texts embedded with the export's run (or `workdir`) at the export's step."""
-  config, tokenizer, model, params, _ = train.load_trained(workdir or emb.manifest["workdir"], emb.manifest["step"])
+  """float32 [Q, D]: the texts embedded with the export's run (or `workdir`) and checkpoint."""
+  config, tokenizer, model, params, _ = train.load_trained(workdir or emb.manifest["workdir"], emb.manifest["step"],
+                                                           emb.manifest.get("best", False))
   mesh = parallel.make_mesh()
   return train.encode_tokens(train.make_encoders(model, mesh), params, tokenizer.encode(texts), mesh,
                              config.eval.batch_size)
@@ -74,12 +75,10 @@ def format_results(emb: gallery.Embeddings, texts: list[str], scores: np.ndarray
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.start(argv)
   f = flags.FLAGS
   if (f.query is None) == (f.queries_file is None):
     raise app.UsageError("give exactly one of --query and --queries_file")
-  logging.set_verbosity(logging.WARNING)
   try:
     texts = [f.query] if f.query is not None else read_queries(f.queries_file)
     emb = gallery.load(f.emb, verify=f.verify)

@@ -33,6 +33,7 @@ RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"  # the best-on-validation parameters (EpochEvaluator)
 
 
 @flax.struct.dataclass
@@ -276,10 +277,12 @@ def make_encoders(model: clip.CLIP, mesh):
   return enc_img, enc_txt
 
 
-def _encode_all(encode, params, batches, key: str, mesh) -> np.ndarray:
-  """float32 [n, D]: `encode` over process-local eval batches, gathered on every process, padding dropped."""
+def _encode_all(encode, params, batches, key: str, mesh, rows: int, global_batch: int) -> np.ndarray:
+  """float32 [rows, D]: `encode` over process-local eval batches, gathered on every process, padding
+  dropped; a progress bar on process 0."""
   feats = []
-  for batch in batches:
+  for batch in tqdm(batches, total=-(-rows // global_batch), desc=f"encode {key}", unit="batch", leave=False,
+                    disable=jax.process_index() != 0, mininterval=2.0, dynamic_ncols=True):
     g = parallel.to_global(batch, mesh)
     f = parallel.to_host(encode(params, g[key]))
     feats.append(f[parallel.to_host(g["valid"])])
@@ -289,13 +292,13 @@ def _encode_all(encode, params, batches, key: str, mesh) -> np.ndarray:
 def extract_image_features(encoders, params, split: Split, mesh, global_batch: int) -> np.ndarray:
   """float32 [R, D]: one feature per image, in record order, eval transforms."""
   batches = eval_image_batches(split, global_batch, jax.process_index(), jax.process_count())
-  return _encode_all(encoders[0], params, batches, "image", mesh)
+  return _encode_all(encoders[0], params, batches, "image", mesh, split.num_images, global_batch)
 
 
 def encode_tokens(encoders, params, tokens: np.ndarray, mesh, global_batch: int) -> np.ndarray:
   """float32 [N, D]: one feature per row of tokens int32 [N, L] (captions or free-text queries)."""
   batches = token_batches(tokens, global_batch, jax.process_index(), jax.process_count())
-  return _encode_all(encoders[1], params, batches, "tokens", mesh)
+  return _encode_all(encoders[1], params, batches, "tokens", mesh, len(tokens), global_batch)
 
 
 def extract_features(encoders, params, split: Split, mesh, global_batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -355,7 +358,7 @@ class EpochEvaluator:
                writer: reporting.MetricWriter):
     self._config, self._workdir, self._encoders, self._mesh = config, workdir, encoders, mesh
     self._val, self._test, self._history, self._writer = val, test, history, writer
-    self._best = checkpointing.Checkpointer(os.path.join(workdir, "best"), 1, 1, async_save=False)
+    self._best = checkpointing.Checkpointer(os.path.join(workdir, BEST_DIR), 1, 1, async_save=False)
 
   def _evaluate(self, params, split: Split, epoch: int, step: int) -> dict:
     metrics = evaluate_split(self._encoders, params, split, self._mesh, self._config.eval.batch_size)
@@ -363,7 +366,8 @@ class EpochEvaluator:
     self._history.append(record)
     self._writer.write(record)
     if jax.process_index() == 0:
-      tqdm.write(f"epoch {epoch} {split.name}: t2i {_fmt(metrics['t2i'])} | i2t {_fmt(metrics['i2t'])}")
+      tqdm.write(f"epoch {epoch} {split.name}: t2i {format_metrics(metrics['t2i'])} | "
+                 f"i2t {format_metrics(metrics['i2t'])}")
     return record
 
   def _records(self, split: Split) -> list[dict]:
@@ -444,8 +448,7 @@ def _run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def run_tokenizer_path(workdir: str) -> str:
   """The tokenizer file or folder the training run in `workdir` encoded its captions with."""
-  data_cfg = _run_config(workdir).data
-  return datasets.tokenizer_path(data_cfg, datasets.get_builder(data_cfg, prepare=False))
+  return datasets.tokenizer_path(_run_config(workdir).data)
 
 
 def with_init_tokenizer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -485,20 +488,26 @@ def init_params(config: ml_collections.ConfigDict, model: clip.CLIP, tokenizer) 
   return params
 
 
-def load_trained(workdir: str, step: int | None = None):
+def load_trained(workdir: str, step: int | None = None, best: bool = False):
   """(config, tokenizer, model, params, step) of a training run, for inference.
 
-  Reads the config the run saved and the parameters of checkpoint `step` (default: latest).
+  Reads the config the run saved and the parameters of checkpoint `step` (default: latest);
+  with `best`, of the best-on-validation epoch the run kept in `workdir/best`.
   """
   config = _run_config(workdir)
-  tokenizer = datasets.get_tokenizer(config.data, datasets.get_builder(config.data, prepare=False))
-  step, params = _restore_params(workdir, step)
+  tokenizer = datasets.get_tokenizer(config.data)
+  step, params = _restore_params(workdir, step, best)
   return config, tokenizer, build_model(config, tokenizer), params, step
 
 
-def _restore_params(workdir: str, step: int | None = None) -> tuple[int, dict]:
-  """(step, parameters) of checkpoint `step` (default: latest) of the run in `workdir`."""
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), 1, None)
+def _restore_params(workdir: str, step: int | None = None, best: bool = False) -> tuple[int, dict]:
+  """(step, parameters) of checkpoint `step` (default: latest) of the run in `workdir`, from
+  its best-on-validation checkpoint if `best`."""
+  directory = os.path.join(workdir, BEST_DIR if best else CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir} has no {os.path.basename(directory)}/ folder"
+                            + (": the run evaluated no validation split" if best else " of checkpoints"))
+  ckpt = checkpointing.Checkpointer(directory, 1, None)
   try:
     step, raw = ckpt.restore_raw(step)
   finally:
@@ -506,7 +515,8 @@ def _restore_params(workdir: str, step: int | None = None) -> tuple[int, dict]:
   return step, jax.tree.map(jnp.asarray, raw["params"])
 
 
-def _fmt(metrics: dict[str, float]) -> str:
+def format_metrics(metrics: dict[str, float]) -> str:
+  """`name=value` pairs, two decimals."""
   return " ".join(f"{k}={v:.2f}" for k, v in metrics.items())
 
 
@@ -595,7 +605,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       history.append(record)
       writer.write(record)
       if is_main:
-        tqdm.write(f"epoch {record['epoch']} clusters (vs hidden ids): {_fmt(quality)}")
+        tqdm.write(f"epoch {record['epoch']} clusters (vs hidden ids): {format_metrics(quality)}")
       interval_start = time.perf_counter()  # step timing leaves clustering out
     t = time.perf_counter()
     batch = next(batches)
@@ -640,7 +650,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       history.append(record)
       writer.write(record)
       if is_main:
-        tqdm.write(f"epoch {epoch} relations (vs hidden ids): {_fmt(relations)}")
+        tqdm.write(f"epoch {epoch} relations (vs hidden ids): {format_metrics(relations)}")
     if epoch_end:
       epoch_counts = {}
     if epoch_end and (epoch % config.eval.every_epochs == 0 or done == total_steps):
@@ -658,10 +668,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "config": config.to_dict(),
   }
   if is_main:
-    tmp = os.path.join(workdir, RESULTS_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=1, default=str)
-    os.replace(tmp, os.path.join(workdir, RESULTS_FILE))
+    reporting.write_json(os.path.join(workdir, RESULTS_FILE), results)
     reporting.plot_curves(history, os.path.join(workdir, CURVES_FILE), title=config.get("name", ""))
   evaluator.close()
   return results

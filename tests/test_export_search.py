@@ -1,5 +1,6 @@
-"""Export, search and report on a tiny trained run: bit-identical exports, the evaluator's
-Rank-k from search, FAISS equal to exact search, errors that name the file, a report that renders."""
+"""Inference on a tiny trained run: bit-identical exports, the evaluator's Rank-k from search,
+FAISS equal to exact search, errors that name the file, a report that renders, and evaluation of
+a run's latest or best checkpoint on its own data set or on another benchmark."""
 
 import json
 import os
@@ -8,13 +9,14 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from dgia_jax import evaluate, gallery, parallel, report, search, train
+from dgia_jax import checkpointing, evaluate, evaluate_run, gallery, parallel, report, search, train
 from dgia_jax.data import datasets
-from tests import helpers
+from tests import benchmark_fixtures, helpers
 
 
 def _cli(module, *args):
@@ -165,3 +167,95 @@ def test_report_html_shows_existing_images_and_the_png_has_its_size(exported, tm
   width, height = report.figure_size(4, 3)
   with Image.open(os.path.join(out, report.PNG_FILE)) as png:
     assert png.size == (round(width * report.DPI), round(height * report.DPI))
+
+
+def _figures(result: dict) -> dict:
+  return {k: result[k] for k in ("t2i", "i2t")}
+
+
+def test_evaluate_run_gives_the_trainers_figures(run):
+  with open(os.path.join(run, train.RESULTS_FILE)) as f:
+    results = json.load(f)
+  latest = evaluate_run.evaluate_run(run)
+  assert {k: latest[k] for k in ("dataset", "split", "best", "step", "images", "captions", "identities")} == {
+      "dataset": "synthetic_persons", "split": "test", "best": False, "step": results["steps"], "images": 16,
+      "captions": 32, "identities": 8}
+  assert _figures(latest) == _figures(results["final"])
+  assert _figures(evaluate_run.evaluate_run(run, best=True)) == results["best_val"]["test"]
+  assert evaluate_run.default_out(latest) == os.path.join(run, "evaluations", f"synthetic_persons-test-step{latest['step']}.json")
+
+
+def test_the_best_checkpoint_is_what_evaluate_export_and_search_read(run, exported, tmp_path):
+  copy = str(tmp_path / "run")
+  shutil.copytree(run, copy)
+  config, _, model, params, step = train.load_trained(copy)
+  halved = jax.tree.map(lambda p: 0.5 * p, params)
+  best = checkpointing.Checkpointer(os.path.join(copy, train.BEST_DIR), 1, 1, async_save=False)
+  best.save(step + 1, {"params": halved}, force=True)
+  best.close()
+  _, _, _, loaded, loaded_step = train.load_trained(copy, best=True)
+  assert loaded_step == step + 1
+  jax.tree.map(np.testing.assert_array_equal, loaded, halved)
+
+  _, splits = datasets.load(config.data, ("test",))
+  mesh = parallel.make_mesh()
+  expected = train.evaluate_split(train.make_encoders(model, mesh), halved, splits["test"], mesh, config.eval.batch_size)
+  result = evaluate_run.evaluate_run(copy, best=True)
+  assert result["best"] and result["step"] == step + 1 and _figures(result) == expected
+  assert evaluate_run.default_out(result).endswith(f"synthetic_persons-test-step{step + 1}-best.json")
+
+  manifest = gallery.export_split(copy, "test", str(tmp_path / "emb"), best=True)
+  assert manifest["best"] and manifest["step"] == step + 1
+  emb, latest = gallery.load(str(tmp_path / "emb")), gallery.load(exported[0])
+  assert not np.allclose(np.concatenate(emb.texts), np.concatenate(latest.texts), atol=1e-3)
+  captions = [r["caption"] for r in emb.text_index[:3]]  # search embeds queries with the export's checkpoint
+  np.testing.assert_allclose(search.embed_queries(emb, captions), np.concatenate(emb.texts)[:3], atol=1e-6)
+
+
+def test_evaluate_run_on_another_benchmark_reads_it_as_the_run_reads_captions_and_images(run, tmp_path):
+  root = str(tmp_path / "RSTPReid")
+  test_annos = [a for a in benchmark_fixtures.write_fixture(root, "rstpreid") if a["split"] == "test"]
+  result = evaluate_run.evaluate_run(run, dataset="rstpreid", manual_dir=root)
+  assert (result["dataset"], result["images"], result["captions"], result["identities"]) == (
+      "rstpreid", len(test_annos), sum(len(a["captions"]) for a in test_annos), benchmark_fixtures.SPLIT_IDS["test"])
+
+  config, tokenizer, model, params, _ = train.load_trained(run)
+  cfg = datasets.cross_domain(config.data, "rstpreid", root, train.run_tokenizer_path(run))
+  assert (cfg.image_size, cfg.context_length, cfg.data_dir) == (
+      config.data.image_size, config.data.context_length, config.data.data_dir)
+  _, splits = datasets.load(cfg, ("test",))
+  test = splits["test"]
+  assert test.pair_caption == [c for a in test_annos for c in a["captions"]]
+  np.testing.assert_array_equal(test.tokens, tokenizer.encode(test.pair_caption))
+  assert test.load_image(0).shape == (*config.data.image_size, 3)
+  mesh = parallel.make_mesh()
+  assert _figures(result) == train.evaluate_split(train.make_encoders(model, mesh), params, test, mesh,
+                                                  config.eval.batch_size)
+
+
+def test_evaluate_run_errors_name_what_is_wrong(run, tmp_path):
+  with pytest.raises(ValueError, match=re.escape("reads a benchmark (cuhk_pedes, icfg_pedes, rstpreid), got 'market1501'")):
+    evaluate_run.evaluate_run(run, dataset="market1501")
+  with pytest.raises(FileNotFoundError, match=re.escape(f"manual_dir {tmp_path}/none is not a folder")):
+    evaluate_run.evaluate_run(run, dataset="cuhk_pedes", manual_dir=str(tmp_path / "none"))
+  with pytest.raises(ValueError, match="manual_dir is for another data set"):
+    evaluate_run.evaluate_run(run, manual_dir=str(tmp_path))
+  copy = str(tmp_path / "run")
+  shutil.copytree(run, copy, ignore=shutil.ignore_patterns(train.BEST_DIR))
+  with pytest.raises(FileNotFoundError, match=f"{re.escape(copy)} has no best/ folder: the run evaluated no validation"):
+    evaluate_run.evaluate_run(copy, best=True)
+
+
+def test_evaluate_run_command_prints_and_writes_the_figures(run):
+  proc = _cli("evaluate_run", "--workdir", run, "--best")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = evaluate_run.evaluate_run(run, best=True)
+  out = evaluate_run.default_out(result)
+  with open(out) as f:
+    written = json.load(f)
+  assert _figures(written) == _figures(result) and written["best"] and written["step"] == result["step"]
+  assert f"text→image  {train.format_metrics(result['t2i'])}" in proc.stdout
+  assert proc.stdout.strip().splitlines()[-1] == f"written to {out}"
+  bad = _cli("evaluate_run", "--workdir", run, "--dataset", "market1501")
+  assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith(
+      "error: cross-domain evaluation reads a benchmark")

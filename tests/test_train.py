@@ -309,7 +309,7 @@ def test_best_epoch_is_selected_on_validation_identities_only(trained):
   assert results["best_val"]["epoch"] == best["epoch"] and results["best_val"]["val"]["t2i"] == best["t2i"]
   test_at_best = next(r for r in _records(workdir, "eval", "test") if r["step"] == best["step"])
   assert results["best_val"]["test"]["t2i"] == test_at_best["t2i"]
-  step, _ = checkpointing.Checkpointer(os.path.join(workdir, "best"), 1, 1).restore_raw()
+  step, _ = checkpointing.Checkpointer(os.path.join(workdir, train.BEST_DIR), 1, 1).restore_raw()
   assert step == best["step"]
 
 

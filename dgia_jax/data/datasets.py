@@ -52,18 +52,38 @@ def get_builder(data_cfg, prepare: bool = True) -> tfds.core.DatasetBuilder:
   return builder
 
 
-def tokenizer_path(data_cfg, builder: tfds.core.DatasetBuilder) -> str:
-  """`config.data.tokenizer` if set, else (synthetic set only) the tokenizer saved beside the data."""
+def tokenizer_path(data_cfg, builder: tfds.core.DatasetBuilder | None = None) -> str:
+  """`config.data.tokenizer` if set, else (synthetic set only) the tokenizer saved beside the data
+  (`builder`'s, or the prepared set's). A set tokenizer needs no prepared data set."""
   if data_cfg.tokenizer:
     return data_cfg.tokenizer
   if data_cfg.name != "synthetic_persons":
     raise ValueError(f"data set '{data_cfg.name}' needs data.tokenizer: the CLIP checkpoint folder "
                      "(tokenizer.json, or vocab.json + merges.txt)")
+  builder = builder or get_builder(data_cfg, prepare=False)
   return os.path.join(builder.data_dir, synthetic_persons.TOKENIZER_FILE)
 
 
-def get_tokenizer(data_cfg, builder: tfds.core.DatasetBuilder) -> Tokenizer:
+def get_tokenizer(data_cfg, builder: tfds.core.DatasetBuilder | None = None) -> Tokenizer:
   return Tokenizer.from_file(tokenizer_path(data_cfg, builder), data_cfg.context_length)
+
+
+def cross_domain(data_cfg, name: str, manual_dir: str, tokenizer: str):
+  """A trained run's `config.data` pointed at benchmark `name` (its original folder `manual_dir`),
+  read with the run's `tokenizer`, image size and context length: cross-domain evaluation.
+
+  The benchmark's own splits are read (no identities held out); it is built into the run's
+  `data_dir` on first use.
+  """
+  if name not in benchmarks.BUILDERS:
+    raise ValueError(f"cross-domain evaluation reads a benchmark ({', '.join(sorted(benchmarks.BUILDERS))}), "
+                     f"got '{name}'")
+  cfg = data_cfg.copy_and_resolve_references()
+  if "synthetic" in cfg:
+    del cfg["synthetic"]
+  cfg.update(dict(name=name, manual_dir=manual_dir, tokenizer=tokenizer, holdout_val_ids=0,
+                  strict=data_cfg.get("strict", True)))
+  return cfg
 
 
 def load(data_cfg, splits: tuple[str, ...]) -> tuple[Tokenizer, dict[str, Split]]:
