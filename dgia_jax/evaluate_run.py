@@ -45,7 +45,8 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None, bes
   `dataset` (its original folder `manual_dir`).
 
   Returns {"workdir", "step", "best", "dataset", "split", "images", "captions", "identities",
-  "t2i", "i2t", "seconds"}; t2i and i2t hold R1, R5, R10, mAP and mINP in %.
+  "t2i", "i2t", "seconds"}; t2i and i2t hold R1, R5, R10, mAP and mINP in %, seconds the time
+  to encode the split and rank it (compilation included).
   """
   config, _, model, params, step = train.load_trained(workdir, step, best)
   data_cfg = config.data

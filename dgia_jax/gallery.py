@@ -125,9 +125,9 @@ def export_split(workdir: str, split_name: str, out_dir: str, step: int | None =
   _write_jsonl(os.path.join(out_dir, index_file("texts")),
                ({"row": i, "caption": c, "record": int(r), "person_id": int(split.person_ids[r])}
                 for i, (c, r) in enumerate(zip(split.pair_caption, split.pair_record))))
-  manifest = {"workdir": os.path.abspath(workdir), "step": int(step), "best": best, "split": split_name, "format": fmt,
-              "dim": int(img.shape[1]), "counts": {"images": len(img), "texts": len(txt)}, "shards": shards,
-              "config": config.to_dict()}
+  manifest = {"workdir": os.path.abspath(workdir), "step": int(step), "best": best, "split": split_name,
+              "format": fmt, "dim": int(img.shape[1]), "counts": {"images": len(img), "texts": len(txt)},
+              "shards": shards, "config": config.to_dict()}
   reporting.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
   return manifest
 

@@ -182,7 +182,8 @@ def test_evaluate_run_gives_the_trainers_figures(run):
       "captions": 32, "identities": 8}
   assert _figures(latest) == _figures(results["final"])
   assert _figures(evaluate_run.evaluate_run(run, best=True)) == results["best_val"]["test"]
-  assert evaluate_run.default_out(latest) == os.path.join(run, "evaluations", f"synthetic_persons-test-step{latest['step']}.json")
+  assert evaluate_run.default_out(latest) == os.path.join(run, "evaluations",
+                                                         f"synthetic_persons-test-step{latest['step']}.json")
 
 
 def test_the_best_checkpoint_is_what_evaluate_export_and_search_read(run, exported, tmp_path):
@@ -199,7 +200,8 @@ def test_the_best_checkpoint_is_what_evaluate_export_and_search_read(run, export
 
   _, splits = datasets.load(config.data, ("test",))
   mesh = parallel.make_mesh()
-  expected = train.evaluate_split(train.make_encoders(model, mesh), halved, splits["test"], mesh, config.eval.batch_size)
+  expected = train.evaluate_split(train.make_encoders(model, mesh), halved, splits["test"], mesh,
+                                  config.eval.batch_size)
   result = evaluate_run.evaluate_run(copy, best=True)
   assert result["best"] and result["step"] == step + 1 and _figures(result) == expected
   assert evaluate_run.default_out(result).endswith(f"synthetic_persons-test-step{step + 1}-best.json")
@@ -234,7 +236,8 @@ def test_evaluate_run_on_another_benchmark_reads_it_as_the_run_reads_captions_an
 
 
 def test_evaluate_run_errors_name_what_is_wrong(run, tmp_path):
-  with pytest.raises(ValueError, match=re.escape("reads a benchmark (cuhk_pedes, icfg_pedes, rstpreid), got 'market1501'")):
+  known = "reads a benchmark (cuhk_pedes, icfg_pedes, rstpreid), got 'market1501'"
+  with pytest.raises(ValueError, match=re.escape(known)):
     evaluate_run.evaluate_run(run, dataset="market1501")
   with pytest.raises(FileNotFoundError, match=re.escape(f"manual_dir {tmp_path}/none is not a folder")):
     evaluate_run.evaluate_run(run, dataset="cuhk_pedes", manual_dir=str(tmp_path / "none"))
@@ -242,7 +245,7 @@ def test_evaluate_run_errors_name_what_is_wrong(run, tmp_path):
     evaluate_run.evaluate_run(run, manual_dir=str(tmp_path))
   copy = str(tmp_path / "run")
   shutil.copytree(run, copy, ignore=shutil.ignore_patterns(train.BEST_DIR))
-  with pytest.raises(FileNotFoundError, match=f"{re.escape(copy)} has no best/ folder: the run evaluated no validation"):
+  with pytest.raises(FileNotFoundError, match=f"{re.escape(copy)} has no best/ folder: the run evaluated no val"):
     evaluate_run.evaluate_run(copy, best=True)
 
 
