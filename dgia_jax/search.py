@@ -48,7 +48,7 @@ def embed_queries(emb: gallery.Embeddings, texts: list[str], workdir: str | None
   config, tokenizer, model, params, _ = train.load_trained(workdir or emb.manifest["workdir"], emb.manifest["step"],
                                                            emb.manifest.get("best", False))
   mesh = parallel.make_mesh()
-  return train.encode_tokens(train.make_encoders(model, mesh), params, tokenizer.encode(texts), mesh,
+  return train.encode_tokens(train.make_encoders(model, mesh), params, tokenizer.encode(texts, "queries"), mesh,
                              config.eval.batch_size)
 
 

@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 
@@ -25,6 +27,20 @@ def test_truncation_keeps_end_of_text(tok):
   row = tok.encode(["a man in a red coat with a black backpack and blue trousers and white shoes"])[0]
   assert row[0] == tok.sot_id and row[-1] == tok.eot_id
   assert tok.eot_id not in row[:-1] and tok.pad_id not in row
+
+
+def test_truncation_is_reported_with_the_count_and_the_longest_caption(tok, caplog):
+  longest = "a man in a red coat with a black backpack and blue trousers and white shoes"
+  with caplog.at_level(logging.WARNING):
+    tok.encode(["a red coat", longest, "a man in a red coat with"], "train split")
+  [message] = [r.getMessage() for r in caplog.records]
+  assert message.startswith("train split: 2 of 3 captions are longer than 6 tokens (context_length 8 less SOT and "
+                            "EOT) and were truncated to 6; the longest: caption 1, ")
+  assert message.endswith(f" tokens: {longest!r}")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    tok.encode(["a red coat", "a man in a red coat"])  # 5 and 6 pieces: nothing cut
+  assert not caplog.records
 
 
 def test_special_tokens_are_distinct(tok):

@@ -135,7 +135,7 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str, tokenizer: Tokeniz
       image_size=tuple(image_size),
       pair_record=np.asarray(pair_record, np.int64),
       pair_caption=captions,
-      tokens=tokenizer.encode(captions),
+      tokens=tokenizer.encode(captions, f"{builder.info.full_name} split '{split}'"),
       image_paths=paths,
       person_ids=np.asarray(pids, np.int64),
   )

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import tokenizers
+from absl import logging
 from tokenizers import AddedToken, models, normalizers, pre_tokenizers, trainers
 
 SOT = "<|startoftext|>"
@@ -89,18 +90,30 @@ class Tokenizer:
       return cls(transformers.CLIPTokenizer.from_pretrained(path).backend_tokenizer, context_length)
     raise FileNotFoundError(f"{path} holds no tokenizer: expected tokenizer.json, or vocab.json and merges.txt")
 
-  def encode(self, texts: Sequence[str]) -> np.ndarray:
-    """Encodes captions to int32 [N, context_length]."""
+  def encode(self, texts: Sequence[str], source: str = "texts") -> np.ndarray:
+    """Encodes captions to int32 [N, context_length].
+
+    A caption of more than L - 2 pieces is cut to its first L - 2 (CLIP's `truncate=True`);
+    when any is, a warning says how many of `source` (e.g. a split) were, and the longest.
+    """
     for i, text in enumerate(texts):
       if not text or not text.strip():
         raise ValueError(f"caption {i} is empty")
     out = np.full((len(texts), self.context_length), self.pad_id, np.int32)
     keep = self.context_length - 2
+    pieces = np.zeros(len(texts), np.int64)
     for i, enc in enumerate(self._tok.encode_batch(list(texts), add_special_tokens=False)):
+      pieces[i] = len(enc.ids)
       ids = enc.ids[:keep]
       out[i, 0] = self.sot_id
       out[i, 1:len(ids) + 1] = ids
       out[i, len(ids) + 1] = self.eot_id
+    cut = int((pieces > keep).sum())
+    if cut:
+      longest = int(np.argmax(pieces))
+      logging.warning("%s: %d of %d captions are longer than %d tokens (context_length %d less SOT and EOT) and "
+                      "were truncated to %d; the longest: caption %d, %d tokens: %r", source, cut, len(texts), keep,
+                      self.context_length, keep, longest, pieces[longest], texts[longest])
     return out
 
   def decode(self, tokens: np.ndarray) -> str:
