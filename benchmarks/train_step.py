@@ -235,8 +235,10 @@ def main():
     seconds = {layers: {(side, part): [] for part in parts for side in sides} for layers, (_, sides) in built.items()}
     for _ in range(args.rounds):
       for layers, by_part in seconds.items():
-        for side, part in by_part:
-          by_part[side, part].append(built[layers][1][side][0][part](args.steps))
+        sides = built[layers][1]
+        for (side, part), times in by_part.items():
+          timers, _ = sides[side]
+          times.append(timers[part](args.steps))
     figs = [figures(*built[layers], seconds[layers], parts) for layers in depths]
     for layers, fig in zip(depths, figs):
       out[name if layers is None else f"{name}@{layers}_layers"] = fig

@@ -51,7 +51,7 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None, bes
   config, _, model, params, step = train.load_trained(workdir, step, best)
   data_cfg = config.data
   if dataset and dataset != data_cfg.name:
-    data_cfg = datasets.cross_domain(data_cfg, dataset, manual_dir, train.run_tokenizer_path(workdir))
+    data_cfg = datasets.cross_domain(data_cfg, dataset, manual_dir, datasets.tokenizer_path(data_cfg))
   elif manual_dir:
     raise ValueError(f"manual_dir is for another data set (--dataset); the run's own, '{data_cfg.name}', is read "
                      f"from {data_cfg.data_dir} as it trained")
