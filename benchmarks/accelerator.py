@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from dgia_jax import cli, evaluate, identity_graph, parallel, train
+from dgia_jax import build, cli, host_memory, identity_graph, inference, metrics, parallel
 from dgia_jax.models import clip, presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,29 +90,24 @@ def cudnn_preflight(batch: int) -> str | None:
 def measure_step(batch: int, steps: int, profile: str | None, attention: str) -> dict:
   config = _config(batch, attention)
   mesh = parallel.make_mesh()
-  model = train.build_model(config, _ClipTokenizer)
   steps_per_epoch = CUHK_PAIRS // batch
-  tx, schedule = train.make_optimizer(config.train, steps_per_epoch)
+  built = build.training(config, _ClipTokenizer, steps_per_epoch, CUHK_PAIRS, mesh)
   rows = identity_graph.padded_size(CUHK_PAIRS, mesh)
-  state = train.init_state(model, tx, 0, rows, mesh)
   rng = np.random.default_rng(0)
   feats = rng.normal(size=(rows, 512)).astype(np.float32)
   feats /= np.linalg.norm(feats, axis=1, keepdims=True)
   bank = identity_graph.MemoryBank(image=jnp.asarray(feats), text=jnp.asarray(feats), filled=jnp.ones(rows, bool))
-  state = state.replace(bank=jax.device_put(bank, parallel.data_sharding(mesh)))
-  make_step = lambda model: train.make_train_step(  # noqa: E731
-      model, tx, schedule, config, steps_per_epoch, _ClipTokenizer.mask_id, state, mesh)
-  step = make_step(model)
+  state = built.state.replace(bank=jax.device_put(bank, parallel.data_sharding(mesh)))
   batch_arrays = parallel.to_global({
       "image": rng.integers(0, 256, size=(batch, 384, 128, 3), dtype=np.uint8),
       "tokens": _tokens(rng, batch),
       "index": rng.choice(CUHK_PAIRS, batch, replace=False).astype(np.int32)}, mesh)
   pids = parallel.global_array(rng.integers(0, 11003, size=rows).astype(np.int32), parallel.data_sharding(mesh))
   _progress(f"batch {batch}: state built; compiling the step")
-  step, flops = timing.compile_step(step, state, batch_arrays, pids)
+  step, flops = timing.compile_step(built.step, state, batch_arrays, pids)
   if attention != "xla":  # a fused kernel is a custom call, which cost analysis counts as 0 FLOPs
-    xla_model = train.build_model(_config(batch, "xla"), _ClipTokenizer)
-    flops = make_step(xla_model).lower(state, batch_arrays, pids).cost_analysis()["flops"]
+    xla_step = build.training(_config(batch, "xla"), _ClipTokenizer, steps_per_epoch, CUHK_PAIRS, mesh).step
+    flops = xla_step.lower(state, batch_arrays, pids).cost_analysis()["flops"]
   _progress(f"batch {batch}: compiled ({flops / 1e12:.2f} TFLOPs per step); timing {steps} steps")
   seconds, state = timing.seconds_per_step(step, state, batch_arrays, pids, steps, warmup=3)
   _progress(f"batch {batch}: {seconds * 1e3:.1f} ms per step")
@@ -133,8 +128,7 @@ def measure_eval(params, batch: int, fraction: float, attention: str) -> tuple[f
   as every later epoch's evaluation in a run)."""
   config = _config(batch, attention)
   mesh = parallel.make_mesh()
-  model = train.build_model(config, _ClipTokenizer)
-  enc_img, enc_txt = train.make_encoders(model, mesh)
+  enc_img, enc_txt = inference.make_encoders(inference.build_model(config, _ClipTokenizer), mesh)
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, size=(batch, 384, 128, 3), dtype=np.uint8)
   tokens = _tokens(rng, batch)
@@ -149,13 +143,14 @@ def measure_eval(params, batch: int, fraction: float, attention: str) -> tuple[f
            for _ in range(-(-num_images // batch))]
     txt = [parallel.to_host(enc_txt(params, parallel.to_global({"x": tokens}, mesh)["x"]))
            for _ in range(-(-len(q_pids) // batch))]
-    evaluate.evaluate_retrieval(np.concatenate(txt)[:len(q_pids)], np.concatenate(img)[:num_images], q_pids, g_pids)
+    metrics.evaluate_retrieval(np.concatenate(txt)[:len(q_pids)], np.concatenate(img)[:num_images], q_pids, g_pids)
     return time.perf_counter() - start
 
   return one_pass(), one_pass()
 
 
 def main():
+  host_memory.retain_freed_memory()  # before JAX's CPU threads start, as every program does
   parser = argparse.ArgumentParser()
   parser.add_argument("--batches", default="64,128")
   parser.add_argument("--steps", type=int, default=20)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import transformers
 from flax import traverse_util
 
+from dgia_jax import host_memory
 from dgia_jax.models import checkpoint_io, clip, presets
 
 VOCAB, EOT, CONTEXT = 49408, 49407, 77
@@ -77,6 +78,7 @@ def max_err(a, b) -> float:
 
 
 def main():
+  host_memory.retain_freed_memory()  # before JAX's CPU threads start, as every program does
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=2)
   args = parser.parse_args()

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from dgia_jax import cli, identity_graph, parallel, train
+from dgia_jax import build, cli, host_memory, identity_graph, parallel
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
 NUM_PAIRS = 4000
@@ -32,26 +32,24 @@ class _Tok:  # the facts the model needs from a tokenizer
   vocab_size, eot_id, context_length, mask_id = 256, 255, 48, 254
 
 
-def build(full: bool, images, tokens, index):
+def build_step(full: bool, images, tokens, index):
   """(time_steps(n) -> seconds per step, GFLOPs per step) of the ITC-only or the full step."""
   config = cli.load_config(DEFAULT_CONFIG)
   config.loss.update(dict(lrc=full, iasc=full, gsrc=full))
   config.relations.start_epoch = config.gsrc.start_epoch = 1  # everything on from the first step
   mesh = parallel.make_mesh()
-  model = train.build_model(config, _Tok)
-  tx, schedule = train.make_optimizer(config.train, steps_per_epoch=100)
+  built = build.training(config, _Tok, 100, NUM_PAIRS, mesh)
   rows = identity_graph.padded_size(NUM_PAIRS, mesh)
-  state = train.init_state(model, tx, 0, rows if full else 0, mesh)
+  state = built.state
   if full:  # a filled bank, so the search and the global loss do real work
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(rows, config.model.embed_dim)).astype(np.float32)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     bank = identity_graph.MemoryBank(image=jnp.asarray(feats), text=jnp.asarray(feats), filled=jnp.ones(rows, bool))
     state = state.replace(bank=jax.device_put(bank, parallel.data_sharding(mesh)))
-  step = train.make_train_step(model, tx, schedule, config, 100, _Tok.mask_id, state, mesh)
   batch = parallel.to_global({"image": images, "tokens": tokens, "index": index}, mesh)
   pids = parallel.global_array(np.zeros(rows, np.int32), parallel.data_sharding(mesh))
-  step, flops = timing.compile_step(step, state, batch, pids)
+  step, flops = timing.compile_step(built.step, state, batch, pids)
 
   def time_steps(n: int) -> float:
     nonlocal state  # each round continues from the state the last one left (the old one is donated)
@@ -62,6 +60,7 @@ def build(full: bool, images, tokens, index):
 
 
 def main():
+  host_memory.retain_freed_memory()  # before JAX's CPU threads start, as every program does
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=5, help="steps per round")
   parser.add_argument("--rounds", type=int, default=3, help="alternating ITC/full timing rounds")
@@ -73,7 +72,7 @@ def main():
   for i, n in enumerate(rng.integers(12, 40, size=batch)):
     tokens[i, 0], tokens[i, 1:n], tokens[i, n] = 1, rng.integers(5, 250, size=n - 1), _Tok.eot_id
   index = rng.choice(NUM_PAIRS, batch, replace=False).astype(np.int32)
-  steps = {"itc": build(False, images, tokens, index), "full": build(True, images, tokens, index)}
+  steps = {"itc": build_step(False, images, tokens, index), "full": build_step(True, images, tokens, index)}
   rounds = {name: [] for name in steps}
   for _ in range(args.rounds):  # alternating, so that drift in the machine's speed hits both alike
     for name, (time_steps, _) in steps.items():

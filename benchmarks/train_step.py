@@ -1,7 +1,7 @@
 """Train step throughput: our jitted JAX step vs the PyTorch way, same shapes, same batch.
 
 Both sides run one ITC + Adam step on the same CLIP two-tower: ours is the trainer's own
-jitted step (`train.make_train_step` with only the ITC loss on); the reference is
+jitted step (`build.training` with only the ITC loss on); the reference is
 `transformers.CLIPModel` (PyTorch, CPU, fp32 — the fp16 the field uses does not exist on
 CPU) with `torch.optim.Adam`, as IRRA-style code runs it. Two sizes:
 
@@ -38,7 +38,7 @@ import transformers
 from torch.utils import flop_counter
 
 from benchmarks import timing
-from dgia_jax import cli, parallel, train
+from dgia_jax import build, cli, host_memory, parallel
 from dgia_jax.models import presets
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
@@ -75,10 +75,8 @@ def jax_step(preset, image_size, context, vocab, batch, images, tokens):
   class Tok:  # the facts the model needs from a tokenizer
     vocab_size, eot_id, context_length, mask_id = vocab, vocab - 1, context, vocab - 2
 
-  model = train.build_model(config, Tok)
-  tx, schedule = train.make_optimizer(config.train, steps_per_epoch=100)
-  state = train.init_state(model, tx, 0, 0, mesh)
-  step = train.make_train_step(model, tx, schedule, config, 100, Tok.mask_id, state, mesh)
+  built = build.training(config, Tok, 100, 0, mesh)
+  step, state = built.step, built.state
   arrays = parallel.to_global({"image": images, "tokens": tokens, "index": np.arange(batch, dtype=np.int32)}, mesh)
   pair_pids = jnp.zeros((batch,), jnp.int32)
   step, flops = timing.compile_step(step, state, arrays, pair_pids)
@@ -90,9 +88,7 @@ def jax_step(preset, image_size, context, vocab, batch, images, tokens):
     return seconds
 
   def loss(params):
-    active = {"relations": jnp.bool_(True), "gsrc": jnp.bool_(False)}
-    return train.compute_losses(model, params, arrays, jax.random.key(0), None, pair_pids, active, config,
-                                Tok.mask_id, mesh)[0]
+    return built.objective(params, arrays, jnp.int32(0), pair_pids=pair_pids)[0]
 
   # The parts read the parameters of the live state (the step donates the old one).
   forward, forward_backward = jax.jit(loss), jax.jit(jax.grad(loss))
@@ -164,7 +160,7 @@ def with_layers(preset, layers: int | None):
   return layered
 
 
-def build(name: str, layers: int | None) -> tuple[dict, dict]:
+def build_size(name: str, layers: int | None) -> tuple[dict, dict]:
   """(the size's shapes, {side: ({part: time(n)}, GFLOPs per step)}) for one size at one depth."""
   preset, image_size, context, vocab, batch = SIZES[name]
   preset = with_layers(preset, layers)
@@ -217,6 +213,7 @@ def per_layer(shallow: dict, deep: dict) -> dict:
 
 
 def main():
+  host_memory.retain_freed_memory()  # before JAX's CPU threads start, as every program does
   parser = argparse.ArgumentParser()
   parser.add_argument("--sizes", default="small,vit_b16")
   parser.add_argument("--steps", type=int, default=5, help="steps per timing round and side")
@@ -230,7 +227,7 @@ def main():
   out = {"benchmark": "train_step", "device": jax.devices()[0].device_kind, "torch_threads": torch.get_num_threads(),
          "target_ratio": 1.2, "rounds": args.rounds, "steps_per_round": args.steps}
   for name in args.sizes.split(","):
-    built = {layers: build(name, layers) for layers in depths}
+    built = {layers: build_size(name, layers) for layers in depths}
     # Rounds alternate the sides (and depths), so a slow spell of a shared machine hits all alike.
     seconds = {layers: {(side, part): [] for part in parts for side in sides} for layers, (_, sides) in built.items()}
     for _ in range(args.rounds):

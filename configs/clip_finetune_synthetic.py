@@ -16,21 +16,12 @@ token rows (`dgia_jax/models/checkpoint_io.py`). On an accelerator add
 import os
 
 from dgia_jax import cli
-from dgia_jax.models import presets
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+base = cli.load_config_module(os.path.join(_HERE, "base.py"))
 
 
 def get_config():
-  c = cli.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"))
+  c = base.clip_vit_b16(cli.load_config(os.path.join(_HERE, "default.py")))
   c.name = "clip_finetune_synthetic"
-  c.data.image_size = (384, 128)
-  c.data.context_length = 77  # CLIP's
-  c.model = presets.vit_b16()
-  c.model.init_from = ""  # required: --config.model.init_from=/path/to/clip
-  # METHOD.md's schedule for pretrained CLIP: Adam at 1e-5, 5 warm-up epochs from 1e-6,
-  # cosine, 40 epochs, batch 64; relations from epoch 1 and the global loss from epoch 2
-  # (a pretrained feature space is spread out from the start); padding 10 at 384×128.
-  c.train.update(dict(lr=1e-5, warmup_epochs=5.0, warmup_factor=0.1, epochs=40, batch_size=64))
-  c.relations.start_epoch, c.gsrc.start_epoch = 1, 2
-  c.relations.image_threshold = c.relations.text_threshold = 0.7  # the paper's, for a pretrained space
-  c.iasc.pad = 10
   return c

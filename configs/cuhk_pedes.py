@@ -18,12 +18,12 @@ import os
 
 from dgia_jax import cli
 
+base = cli.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
+
 
 def get_config():
-  c = cli.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_finetune_synthetic.py"))
-  c.name = "cuhk_pedes"
-  del c.data.synthetic
-  c.data.name = "cuhk_pedes"
+  c = base.clip_vit_b16(base.get_config())
+  c.name = c.data.name = "cuhk_pedes"
   c.data.manual_dir = ""  # required: --config.data.manual_dir=/path/to/CUHK-PEDES
   c.data.strict = True  # a bad record fails the build; False skips bad records and lists them
   c.data.tokenizer = ""  # required: the CLIP folder (as model.init_from)

@@ -3,7 +3,7 @@
 Every row of the ablation (`docs/RESULTS.md`) uses this config:
 
   python -m dgia_jax.main --config configs/synthetic_pretrain.py --workdir runs/synthetic_pretrain
-  python -m dgia_jax.ablate --config configs/synthetic_finetune.py --workdir runs/ablation --seeds 3
+  python -m dgia_jax.tools.ablate --config configs/synthetic_finetune.py --workdir runs/ablation --seeds 3
 
 The target set is a different synthetic build (seed 1: identities disjoint from the
 pre-training set's) with fewer identities and more views each, so that a batch row has

@@ -2,15 +2,14 @@
 
 Sizes come from a `SyntheticPersonsConfig`; its name encodes every size so differently sized
 sets never collide in one `data_dir`. Splits `train`, `val` and `test` hold disjoint
-identities. After the examples are written, a small BPE tokenizer is trained on the train
-captions and saved as `tokenizer.json` beside the data.
+identities. The tokenizer the set is read with is trained on its train captions by the reader
+(`dgia_jax.data.datasets`), not here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,7 +19,6 @@ from PIL import Image
 from data_prep import features, synthetic_render
 
 SPLITS = ("train", "val", "test")
-TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -90,28 +88,3 @@ class SyntheticPersons(tfds.core.GeneratorBasedBuilder):
             "image_id": image_id,
             "path": f"{split}/{pid:06d}_{view}.png",
         }
-
-
-def train_tokenizer(builder: SyntheticPersons) -> str:
-  """Trains the BPE tokenizer on the train captions; returns the path of tokenizer.json."""
-  from dgia_jax.data import tokenizer as tokenizer_lib  # late import: data_prep stays light
-
-  path = os.path.join(builder.data_dir, TOKENIZER_FILE)
-  if os.path.exists(path):
-    return path
-  source = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
-  texts = [c.decode() for i in range(len(source)) for c in source[i]["captions"]]
-  tok = tokenizer_lib.train_bpe(texts, vocab_size=builder.builder_config.tokenizer_vocab_size)
-  tmp = path + ".tmp"
-  tok.save(tmp)
-  os.replace(tmp, path)
-  return path
-
-
-def prepare(data_dir: str, **sizes) -> SyntheticPersons:
-  """Builds (if missing) the synthetic set of the given sizes under `data_dir`."""
-  builder = SyntheticPersons(config=SyntheticPersonsConfig.from_sizes(**sizes), data_dir=data_dir,
-                             file_format="array_record")
-  builder.download_and_prepare()
-  train_tokenizer(builder)
-  return builder

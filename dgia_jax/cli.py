@@ -1,4 +1,7 @@
-"""Command-line plumbing shared by the entry points."""
+"""Command-line plumbing shared by the programs (`dgia_jax.main`, `dgia_jax.tools.*`).
+
+Every program ends with `cli.run(main)` and its `main` starts with `cli.start(argv)`.
+"""
 
 import importlib.util
 import os
@@ -7,6 +10,8 @@ import sys
 import jax
 import ml_collections
 from absl import app, flags, logging
+
+from dgia_jax import host_memory
 
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None,
@@ -32,20 +37,27 @@ def enable_compilation_cache() -> str:
 
 
 def start(argv: list[str]) -> None:
-  """What every entry point does first: refuse positional arguments, log warnings and errors only
-  (orbax logs every checkpoint step at INFO), and turn on the compilation cache."""
+  """What every program does first: keep freed host memory (`host_memory`; before JAX starts its
+  CPU threads, so before any computation), refuse positional arguments, log warnings and errors
+  only (orbax logs every checkpoint step at INFO), and turn on the compilation cache."""
+  host_memory.retain_freed_memory()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   enable_compilation_cache()
 
 
-def load_config(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file, as `--config` loads it."""
+def load_config_module(path: str):
+  """A config file as a module (configs extend others through it)."""
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file, as `--config` loads it."""
+  return load_config_module(path).get_config()
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -58,3 +70,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"error: unknown config key {key!r} in {culprit}")
   except flags.Error as e:
     sys.exit(f"error: {e}")
+
+
+def run(main, user_errors: tuple[type[Exception], ...] = ()) -> None:
+  """Runs `main` as absl does, a bad flag reported in one line (`parse_flags`); an exception of
+  `user_errors` ends the program with `error: <it>` and exit status 1, no traceback."""
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except user_errors as e:
+      sys.exit(f"error: {e}")
+
+  app.run(guarded, flags_parser=parse_flags)

@@ -28,7 +28,7 @@ from scipy import sparse
 from sklearn import metrics
 from sklearn.cluster import DBSCAN
 
-from dgia_jax import evaluate
+from dgia_jax import metrics as retrieval_metrics
 
 # The field's settings (SpCL, cluster-contrast, ICPG): the keyword arguments of `cluster_images`.
 DEFAULTS = {"k1": 30, "k2": 6, "eps": 0.6, "min_samples": 4, "block": 1024}
@@ -57,7 +57,7 @@ def nearest_neighbours(features: np.ndarray, k: int, block: int = 1024) -> np.nd
   n = len(features)
   if not 0 < k < n:
     raise ValueError(f"need 0 < k < N for a {k}-NN graph of {n} points")
-  _, idx = evaluate.top_k(features, features, k + 1, block)
+  _, idx = retrieval_metrics.top_k(features, features, k + 1, block)
   idx = idx.astype(np.int64)
   own = np.arange(n)[:, None]
   is_self = idx == own

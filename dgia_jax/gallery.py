@@ -1,7 +1,7 @@
 """Exported embeddings: written in shards with a JSONL index, read back, searched by top-k.
 
-`python -m dgia_jax.export` writes an export, `dgia_jax.search` and `dgia_jax.report` read
-it. Layout of an export directory (row i of an index is row i of its shards, concatenated):
+`python -m dgia_jax.tools.export` writes an export; `tools.search`, `tools.report` and
+`tools.serve` read it. Layout of an export directory (row i of an index is row i of its shards, concatenated):
 
   manifest.json                  run config, checkpoint step (`best`: the best-on-validation one),
                                  workdir, split, dim, counts, format,
@@ -18,7 +18,7 @@ In the safetensors format the shards are `.safetensors` files holding one tensor
 one), is read and written a line at a time, and diffs and greps like any text. The
 manifest is written last, so a directory with one holds a complete export.
 
-The features are the evaluator's (`train.extract_features`: eval transforms, the run's
+The features are the evaluator's (`inference.extract_features`: eval transforms, the run's
 eval batch size) and shards are written the same way each time, so two exports of one
 checkpoint are bit-identical (equal sha256 in the manifest). Features are computed in
 memory ([N, D] float32: 2 GB for a million 512-d images) and written in shards; exact
@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from dgia_jax import evaluate, parallel, reporting, train
+from dgia_jax import inference, metrics, parallel, reporting
 from dgia_jax.data import datasets
 
 MANIFEST_FILE = "manifest.json"
@@ -111,11 +111,12 @@ def export_split(workdir: str, split_name: str, out_dir: str, step: int | None =
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
   if shard_rows < 1:
     raise ValueError(f"shard_rows must be positive, got {shard_rows}")
-  config, _, model, params, step = train.load_trained(workdir, step, best)
+  config, _, model, params, step = inference.load_trained(workdir, step, best)
   _, splits = datasets.load(config.data, (split_name,))
   split = splits[split_name]
   mesh = parallel.make_mesh()
-  txt, img = train.extract_features(train.make_encoders(model, mesh), params, split, mesh, config.eval.batch_size)
+  txt, img = inference.extract_features(inference.make_encoders(model, mesh), params, split, mesh,
+                                        config.eval.batch_size)
   os.makedirs(out_dir, exist_ok=True)
   _remove_previous(out_dir)
   shards = {kind: write_shards(out_dir, kind, feats, shard_rows, fmt) for kind, feats in zip(KINDS, (img, txt))}
@@ -180,7 +181,7 @@ def load(emb_dir: str, verify: bool = True) -> Embeddings:
   """Reads an export; with `verify`, checks every shard's sha256 against the manifest (one pass over the files)."""
   path = os.path.join(emb_dir, MANIFEST_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: {emb_dir} is not an export (python -m dgia_jax.export)")
+    raise FileNotFoundError(f"{path} is missing: {emb_dir} is not an export (python -m dgia_jax.tools.export)")
   with open(path) as f:
     manifest = json.load(f)
   arrays = {kind: [_read_shard(os.path.join(emb_dir, e["file"]), e, manifest["format"], manifest["dim"], verify)
@@ -197,12 +198,12 @@ def exact_search(queries: np.ndarray, shards: list[np.ndarray], k: int) -> tuple
   """Scores float32 [Q, k] and gallery rows int64 [Q, k] of the k highest inner products.
 
   Each shard [n_i, D] is searched with the evaluator's jitted matmul + top-k
-  (`evaluate.top_k`), one shard on the device at a time; the per-shard top-k are merged.
+  (`metrics.top_k`), one shard on the device at a time; the per-shard top-k are merged.
   Tied scores keep gallery order, as in the evaluator.
   """
   scores, rows, offset = [], [], 0
   for shard in shards:
-    s, i = evaluate.top_k(queries, shard, k)
+    s, i = metrics.top_k(queries, shard, k)
     scores.append(s)
     rows.append(i.astype(np.int64) + offset)
     offset += len(shard)
@@ -248,3 +249,17 @@ def take_rows(shards: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
   offsets = np.cumsum([0] + [len(s) for s in shards])
   which = np.searchsorted(offsets, rows, side="right") - 1
   return np.stack([shards[s][r - offsets[s]] for s, r in zip(which, rows)]).astype(np.float32)
+
+
+def search_texts(emb: Embeddings, texts: list[str], k: int, index: str = "exact", workdir: str | None = None,
+                 faiss_factory: str = "Flat", nprobe: int = 8) -> tuple[np.ndarray, np.ndarray]:
+  """Scores float32 [Q, k] and image rows int64 [Q, k] of each text's top-k images: the texts
+  embedded with the run (`workdir`, default the export's) and checkpoint the export names."""
+  run = inference.load_trained(workdir or emb.manifest["workdir"], emb.manifest["step"],
+                               emb.manifest.get("best", False))
+  queries = inference.embed_texts(run, texts)
+  if index == "exact":
+    return exact_search(queries, emb.images, k)
+  if index == "faiss":
+    return faiss_search(queries, faiss_index(emb.images, faiss_factory, nprobe), k)
+  raise ValueError(f"index must be 'exact' or 'faiss', got {index!r}")

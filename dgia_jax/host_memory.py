@@ -10,7 +10,8 @@ small step, 30 % of the process's CPU time in the kernel (docs/BENCHMARKS.md §1
 `mmap`) and never to trim it, so the next step reuses the pages the last one touched. The
 price is that the process keeps its peak heap size until it exits, which a training or
 evaluation process does anyway. It must run before JAX starts its CPU threads (that is,
-before the first computation); `dgia_jax/__init__.py` calls it on import. Set
+before the first computation): every program calls it first (`cli.start`), as do the
+benchmarks and the test suite (`tests/conftest.py`); importing the package changes nothing. Set
 `DGIA_JAX_RETAIN_FREED_MEMORY=0` to leave the allocator alone.
 """
 

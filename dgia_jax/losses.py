@@ -74,11 +74,6 @@ def agreement_relations(img: jax.Array, txt: jax.Array, th_v: float, th_t: float
   return related | jnp.eye(img.shape[0], dtype=bool)
 
 
-def lrc_targets(img: jax.Array, txt: jax.Array, th_v: float, th_t: float, lam: float) -> jax.Array:
-  """Local Relationship Construction target logits [B, B] from the batch's own features."""
-  return relation_targets(agreement_relations(img, txt, th_v, th_t), lam)
-
-
 def lrc_loss(img: jax.Array, txt: jax.Array, target_logits: jax.Array, temperature: float) -> jax.Array:
   """L_rc_b: relation SDM with S = T Vᵀ / tau against `target_logits` [B, B]."""
   return relation_sdm(txt @ img.T / temperature, target_logits)

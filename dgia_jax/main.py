@@ -1,15 +1,17 @@
-"""Main job: prepare data if missing, train, evaluate every epoch, write results and curves.
+"""The main job: prepare the data if missing, train, evaluate every epoch, write results and curves.
 
-  python -m dgia_jax.main --config configs/default.py --workdir runs/default \
-      --config.train.epochs=3
+  python -m dgia_jax.main --config configs/default.py --workdir runs/default --config.train.epochs=3
+
+Every other program is `python -m dgia_jax.tools.<name>` (ablate, prepare, export, search,
+report, evaluate).
 """
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from dgia_jax import cli, parallel, train
+from dgia_jax import cli, hooks, parallel, reporting, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
                                           lock_config=True)
@@ -30,11 +32,11 @@ def main(argv):
                                   _DISTRIBUTED_AUTO.value)
   try:
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train.Preempted:
+  except hooks.Preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
   final = results["final"]
-  print(f"final ({final['split']}, epoch {final['epoch']}): text→image {train.format_metrics(final['t2i'])}")
+  print(f"final ({final['split']}, epoch {final['epoch']}): text→image {reporting.format_metrics(final['t2i'])}")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -1,6 +1,6 @@
 """Visual top-k report of an export: sample captions and their top-k images, true/false matches marked.
 
-  python -m dgia_jax.report --emb emb/ --num_queries 8 -k 5 --out report/
+  python -m dgia_jax.tools.report --emb emb/ --num_queries 8 -k 5 --out report/
 
 Queries are captions of the exported split drawn at random (`--seed`), searched with their
 exported embeddings over the exported images (`gallery.exact_search`). Ground truth is the
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import html
 import os
-import sys
 import textwrap
 
 import matplotlib
@@ -24,26 +23,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dgia_jax import cli, gallery  # noqa: E402
+from dgia_jax import gallery  # noqa: E402
 from dgia_jax.data import datasets  # noqa: E402
 
 HTML_FILE, PNG_FILE, IMAGES_DIR = "report.html", "report.png", "images"
 DPI = 100
 TEXT_WIDTH, CELL_WIDTH, CELL_HEIGHT = 3.0, 1.3, 2.4  # inches of the PNG grid: query text, one result
 COLOURS = {True: "#1a9c3a", False: "#d62728"}
-
-
-
-def define_flags() -> None:
-  """The command line's flags; defined only when run as a program, so the functions import anywhere."""
-  flags.DEFINE_string("emb", None, "Export directory (python -m dgia_jax.export).", required=True)
-  flags.DEFINE_string("out", None, "Directory the report is written to.", required=True)
-  flags.DEFINE_integer("num_queries", 8, "Captions to show.")
-  flags.DEFINE_integer("k", 5, "Results per caption.")
-  flags.DEFINE_integer("seed", 0, "Seed of the caption sample.")
 
 
 def figure_size(num_queries: int, k: int) -> tuple[float, float]:
@@ -135,19 +123,3 @@ def write_report(emb: gallery.Embeddings, out_dir: str, num_queries: int = 8, k:
   write_html(emb, found, image_files, os.path.join(out_dir, HTML_FILE))
   plot_grid(emb, found, images, os.path.join(out_dir, PNG_FILE))
   return found
-
-
-def main(argv):
-  cli.start(argv)
-  f = flags.FLAGS
-  try:
-    found = write_report(gallery.load(f.emb), f.out, f.num_queries, f.k, f.seed)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
-  print(f"wrote {os.path.join(f.out, HTML_FILE)} and {PNG_FILE}: {len(found['queries'])} captions, "
-        f"Rank-1 hits {int(found['hit'][:, 0].sum())}")
-
-
-if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=cli.parse_flags)

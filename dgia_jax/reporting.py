@@ -11,33 +11,33 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-METRICS_FILE = "metrics.jsonl"
+from dgia_jax import rundir  # noqa: E402
 
 
 class MetricWriter:
-  """Appends one JSON object per record to `workdir/metrics.jsonl` (process 0 only)."""
+  """The run's records: kept in memory on every process (evaluation and plots read them back) and
+  appended to metrics.jsonl by process 0 (`enabled`).
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.path = os.path.join(workdir, METRICS_FILE)
+  A resumed run starts from the records up to the step it resumes at; any written after it
+  (lost with an unsaved tail of steps) are dropped from the file too.
+  """
+
+  def __init__(self, run: rundir.RunDir, resume_step: int, enabled: bool = True):
+    self.path = run.metrics
     self.enabled = enabled
-
-  def history(self, up_to_step: int) -> list[dict]:
-    """Records written so far, dropping any past `up_to_step` (lost with an unsaved tail)."""
-    if not os.path.exists(self.path):
-      return []
-    with open(self.path) as f:
-      records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if r["step"] <= up_to_step]
-
-  def rewrite(self, records: list[dict]) -> None:
-    if self.enabled:
+    self.records = [r for r in run.records() if r["step"] <= resume_step]
+    if enabled:
       with open(self.path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.writelines(json.dumps(r) + "\n" for r in self.records)
 
   def write(self, record: dict) -> None:
+    self.records.append(record)
     if self.enabled:
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+  def of_kind(self, kind: str) -> list[dict]:
+    return [r for r in self.records if r["kind"] == kind]
 
 
 def write_json(path: str, obj) -> None:
@@ -80,3 +80,8 @@ def plot_curves(records: list[dict], path: str, title: str = "") -> None:
   fig.savefig(tmp, dpi=110)
   plt.close(fig)
   os.replace(tmp, path)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+  """`name=value` pairs, two decimals."""
+  return " ".join(f"{k}={v:.2f}" for k, v in metrics.items())

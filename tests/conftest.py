@@ -1,6 +1,11 @@
 import pytest
 
+from dgia_jax import host_memory
 from tests import helpers
+
+# As every program does at its start (`cli.start`), before JAX starts its CPU threads: the
+# tests' in-process training steps then reuse their temporary buffers' pages.
+host_memory.retain_freed_memory()
 
 
 @pytest.fixture(scope="session")

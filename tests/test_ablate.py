@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dgia_jax import ablate
+from dgia_jax import ablation
 from tests import helpers
 
 _CONFIG_FILE = """
@@ -21,7 +21,7 @@ def get_config():
 
 
 def test_rows_differ_only_in_their_switches(tiny_config):
-  itc, full, oracle = (ablate.row_config(tiny_config, r, seed=2) for r in ("itc", "full", "oracle"))
+  itc, full, oracle = (ablation.row_config(tiny_config, r, seed=2) for r in ("itc", "full", "oracle"))
   assert (itc.loss.lrc, itc.loss.iasc, itc.loss.gsrc) == (False, False, False)
   assert (full.loss.lrc, full.loss.iasc, full.loss.gsrc) == (True, True, True)
   assert oracle.relations.oracle and not full.relations.oracle
@@ -29,14 +29,14 @@ def test_rows_differ_only_in_their_switches(tiny_config):
   for section in ("data", "model", "train", "eval", "iasc", "gsrc"):
     assert itc[section].to_dict() == full[section].to_dict()
   with pytest.raises(ValueError, match="unknown ablation row 'nope'"):
-    ablate.row_config(tiny_config, "nope", 0)
+    ablation.row_config(tiny_config, "nope", 0)
 
 
 def test_ablation_writes_table_chart_and_reuses_finished_runs(tmp_path, data_dir):
   config = tmp_path / "tiny.py"
   config.write_text(_CONFIG_FILE.format(data_dir=data_dir))
   workdir = str(tmp_path / "ablation")
-  cmd = [sys.executable, "-m", "dgia_jax.ablate", "--config", str(config), "--workdir", workdir,
+  cmd = [sys.executable, "-m", "dgia_jax.tools.ablate", "--config", str(config), "--workdir", workdir,
          "--rows", "itc,full", "--seeds", "2"]
   env = {**os.environ, "PYTHONPATH": helpers.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
   proc = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=600)

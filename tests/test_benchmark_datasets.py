@@ -66,7 +66,7 @@ def test_builds_every_record_of_the_original_layout(tmp_path, clip_folder, name,
   assert test.pair_caption == [c for a in test_annos for c in a["captions"]]
   assert test.pair_person_ids.tolist() == [a["id"] for a in test_annos for _ in a["captions"]]
   assert test.image_paths == [a[layout.path_key] for a in test_annos]
-  queries = list(pipeline.eval_text_batches(test, 4))
+  queries = list(pipeline.token_batches(test.tokens, 4))
   assert sum(int(b["valid"].sum()) for b in queries) == len(test.pair_caption)
   np.testing.assert_array_equal(np.concatenate([b["tokens"][b["valid"]] for b in queries]),
                                 tokenizer.encode(test.pair_caption))
@@ -177,7 +177,8 @@ def test_lenient_command_skips_lists_and_summarises(tmp_path):
   write_annotations(root, "cuhk_pedes", annos)
   bad = [0, 1, 2, 3, 4, 13]
 
-  proc = subprocess.run([sys.executable, "-m", "data_prep.prepare", "--dataset=cuhk_pedes", f"--manual_dir={root}",
+  proc = subprocess.run([sys.executable, "-m", "dgia_jax.tools.prepare", "--dataset=cuhk_pedes",
+                         f"--manual_dir={root}",
                          f"--data_dir={data_dir}", "--nostrict"], cwd=helpers.ROOT, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

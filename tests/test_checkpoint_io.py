@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from dgia_jax.data.tokenizer import Tokenizer
-from dgia_jax import train
+from dgia_jax import inference, train
 from dgia_jax.models import checkpoint_io, clip
 from tests import clip_checkpoints as cc
 from tests import helpers
@@ -277,7 +277,7 @@ def test_training_starts_from_the_checkpoint(ckpt, tiny_config, tmp_path):
   cfg.loss.update(dict(lrc=False, gsrc=False))  # ITC and the masked-caption partners
   cfg.train.update(dict(epochs=1, lr=1e-12))
   train.train_and_evaluate(cfg, str(tmp_path / "run"))
-  _, tok, model, params, _ = train.load_trained(str(tmp_path / "run"))
+  _, tok, model, params, _ = inference.load_trained(str(tmp_path / "run"))
   assert model.cfg.vision.grid == (4, 2) and tok.num_appended == 1
   expected = checkpoint_io.load_clip(hf_dir, model.cfg, appended_tokens=1, cache_dir=cache)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, expected)

@@ -1,7 +1,6 @@
 """Pseudo identities: sparse k-reciprocal Jaccard + DBSCAN against a dense reference, the
 stable-index join, label quality, and the trainer's clusters relation source."""
 
-import json
 import os
 
 import numpy as np
@@ -11,7 +10,7 @@ from sklearn import metrics
 from sklearn.cluster import DBSCAN
 
 from benchmarks.clustering import clustered_features, dense_jaccard_distance
-from dgia_jax import checkpointing, clustering, parallel, reporting, train
+from dgia_jax import checkpointing, clustering, hooks, inference, parallel, rundir, train
 from dgia_jax.data import datasets
 from tests import helpers
 
@@ -108,8 +107,7 @@ def test_trainer_clusters_from_the_epoch_start_params_and_checkpoints_them(tmp_p
   cfg.checkpoint.keep = 10
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(cfg, workdir)
-  with open(os.path.join(workdir, reporting.METRICS_FILE)) as f:
-    records = [r for r in map(json.loads, f) if r["kind"] == "clusters"]
+  records = rundir.RunDir(workdir).records("clusters")
   assert [(r["step"], r["epoch"]) for r in records] == [(4, 2)]
   assert {"ari", "nmi", "num_clusters", "num_ids", "outlier_share", "seconds"} <= set(records[0])
 
@@ -120,8 +118,8 @@ def test_trainer_clusters_from_the_epoch_start_params_and_checkpoints_them(tmp_p
   ckpt.close()
   tokenizer, splits = datasets.load(cfg.data, ("train",))
   mesh = parallel.make_mesh()
-  model = train.build_model(cfg, tokenizer)
-  labels, quality = train.pseudo_identities(train.make_encoders(model, mesh), at_epoch_start["params"],
+  model = inference.build_model(cfg, tokenizer)
+  labels, quality = hooks.pseudo_identities(inference.make_encoders(model, mesh), at_epoch_start["params"],
                                             splits["train"], mesh, cfg.relations.clusters, 16)
   assert quality["num_clusters"] == records[0]["num_clusters"]
   np.testing.assert_array_equal(np.asarray(final["pseudo_ids"])[:len(labels)], labels)
@@ -132,6 +130,6 @@ def test_trainer_clusters_from_the_epoch_start_params_and_checkpoints_them(tmp_p
 def test_clusters_are_due_at_the_start_epoch_and_every_few_epochs(tiny_config, step, due):
   ccfg = tiny_config.relations.clusters
   ccfg.update(dict(enabled=True, start_epoch=2, every_epochs=2))
-  assert train.clusters_due(ccfg, step, steps_per_epoch=4) == due
+  assert hooks.clusters_due(ccfg, step, steps_per_epoch=4) == due
   ccfg.enabled = False
-  assert not train.clusters_due(ccfg, step, steps_per_epoch=4)
+  assert not hooks.clusters_due(ccfg, step, steps_per_epoch=4)

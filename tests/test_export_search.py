@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dgia_jax import checkpointing, evaluate, evaluate_run, gallery, parallel, report, search, train
+from dgia_jax import checkpointing, gallery, inference, metrics, parallel, report, reporting, rundir, train
 from dgia_jax.data import datasets
-from tests import benchmark_fixtures, helpers
+from tests import benchmark_fixtures, helpers, test_structure
 
 
 def _cli(module, *args):
   env = {**os.environ, "PYTHONPATH": helpers.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  return subprocess.run([sys.executable, "-m", f"dgia_jax.{module}", *args], cwd=helpers.ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", f"dgia_jax.tools.{module}", *args], cwd=helpers.ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 
 
@@ -53,12 +53,12 @@ def test_export_is_bit_identical_and_holds_the_evaluators_features(run, exported
   for entry in manifests[0]["shards"]["images"] + manifests[0]["shards"]["texts"]:
     with open(os.path.join(first, entry["file"]), "rb") as a, open(os.path.join(second, entry["file"]), "rb") as b:
       assert a.read() == b.read()
-  config, _, model, params, step = train.load_trained(run)
+  config, _, model, params, step = inference.load_trained(run)
   assert manifests[0]["step"] == step and manifests[0]["config"] == config.to_dict()
   _, splits = datasets.load(config.data, ("test",))
   split = splits["test"]
   mesh = parallel.make_mesh()
-  txt, img = train.extract_features(train.make_encoders(model, mesh), params, split, mesh, config.eval.batch_size)
+  txt, img = inference.extract_features(inference.make_encoders(model, mesh), params, split, mesh, config.eval.batch_size)
   emb = gallery.load(first)
   np.testing.assert_array_equal(np.concatenate(emb.images), img)
   np.testing.assert_array_equal(np.concatenate(emb.texts), txt)
@@ -79,18 +79,19 @@ def test_safetensors_export_reads_back_the_same_arrays(run, exported, tmp_path):
 def test_search_over_the_export_gives_the_evaluators_rank_k(run, exported):
   emb = gallery.load(exported[0])
   captions = [r["caption"] for r in emb.text_index]
-  _, rows = search.search_texts(emb, captions, k=10)
+  _, rows = gallery.search_texts(emb, captions, k=10)
   image_pids = np.array([r["person_id"] for r in emb.image_index])
   hit = image_pids[rows] == np.array([r["person_id"] for r in emb.text_index])[:, None]
-  config, _, model, params, _ = train.load_trained(run)
+  config, _, model, params, _ = inference.load_trained(run)
   _, splits = datasets.load(config.data, ("test",))
   mesh = parallel.make_mesh()
-  expected = train.evaluate_split(train.make_encoders(model, mesh), params, splits["test"], mesh,
+  expected = inference.evaluate_split(inference.make_encoders(model, mesh), params, splits["test"], mesh,
                                   config.eval.batch_size)["t2i"]
   for k in (1, 5, 10):
     assert 100.0 * hit[:, :k].any(1).mean() == expected[f"R{k}"], k
   # The free-text path embeds a caption as the export did.
-  np.testing.assert_allclose(search.embed_queries(emb, captions[:3]), np.concatenate(emb.texts)[:3], atol=1e-6)
+  embedded = inference.embed_texts(inference.load_trained(run), captions[:3])
+  np.testing.assert_allclose(embedded, np.concatenate(emb.texts)[:3], atol=1e-6)
 
 
 def test_exact_search_over_shards_equals_one_gallery_and_faiss():
@@ -99,7 +100,7 @@ def test_exact_search_over_shards_equals_one_gallery_and_faiss():
   gal, queries = unit(rng.normal(size=(503, 24))), unit(rng.normal(size=(37, 24)))
   shards = np.array_split(gal, [100, 300, 450])
   scores, rows = gallery.exact_search(queries, shards, 7)
-  ref_scores, ref_rows = evaluate.top_k(queries, gal, 7)
+  ref_scores, ref_rows = metrics.top_k(queries, gal, 7)
   np.testing.assert_array_equal(rows, ref_rows)
   np.testing.assert_allclose(scores, ref_scores, atol=1e-6)  # the matmul's summation order depends on its shape
   f_scores, f_rows = gallery.faiss_search(queries, gallery.faiss_index(shards), 7)
@@ -112,7 +113,7 @@ def test_exact_search_with_shards_smaller_than_k():
   gal, queries = rng.normal(size=(12, 8)).astype(np.float32), rng.normal(size=(5, 8)).astype(np.float32)
   shards = np.array_split(gal, [3, 5, 6])  # 3, 2, 1 and 6 rows, k = 7
   scores, rows = gallery.exact_search(queries, shards, 7)
-  ref_scores, ref_rows = evaluate.top_k(queries, gal, 7)
+  ref_scores, ref_rows = metrics.top_k(queries, gal, 7)
   np.testing.assert_array_equal(rows, ref_rows)
   np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
   scores, rows = gallery.exact_search(queries, shards[:2], 7)  # 5 rows in all: every row, best first
@@ -137,8 +138,8 @@ def test_damaged_or_missing_files_are_named(exported, tmp_path):
     gallery.export_split(str(tmp_path / "nowhere"), "test", str(tmp_path / "out"))
   empty = tmp_path / "queries.txt"
   empty.write_text("\n  \n")
-  with pytest.raises(ValueError, match=re.escape(str(empty)) + " holds no queries"):
-    search.read_queries(str(empty))
+  proc = _cli("search", "--emb", exported[0], "--queries_file", str(empty))
+  assert proc.returncode == 1 and proc.stderr.strip() == f"error: {empty} holds no queries (one a line)"
 
 
 def test_search_command_prints_top_k_and_reads_a_query_file(exported, tmp_path):
@@ -151,7 +152,7 @@ def test_search_command_prints_top_k_and_reads_a_query_file(exported, tmp_path):
   assert re.fullmatch(r"\s+1  -?\d\.\d{4}  person \d+  test/\S+\.png", lines[1])
   bad = _cli("search", "--emb", str(tmp_path), "--query", "x")
   assert bad.returncode != 0 and bad.stderr.strip() == (
-      f"error: {tmp_path}/manifest.json is missing: {tmp_path} is not an export (python -m dgia_jax.export)")
+      f"error: {tmp_path}/manifest.json is missing: {tmp_path} is not an export (python -m dgia_jax.tools.export)")
 
 
 def test_report_html_shows_existing_images_and_the_png_has_its_size(exported, tmp_path):
@@ -174,55 +175,59 @@ def _figures(result: dict) -> dict:
 
 
 def test_evaluate_run_gives_the_trainers_figures(run):
-  with open(os.path.join(run, train.RESULTS_FILE)) as f:
+  with open(os.path.join(run, rundir.RESULTS_FILE)) as f:
     results = json.load(f)
-  latest = evaluate_run.evaluate_run(run)
+  latest = inference.evaluate_run(run)
   assert {k: latest[k] for k in ("dataset", "split", "best", "step", "images", "captions", "identities")} == {
       "dataset": "synthetic_persons", "split": "test", "best": False, "step": results["steps"], "images": 16,
       "captions": 32, "identities": 8}
   assert _figures(latest) == _figures(results["final"])
-  assert _figures(evaluate_run.evaluate_run(run, best=True)) == results["best_val"]["test"]
-  assert evaluate_run.default_out(latest) == os.path.join(run, "evaluations",
-                                                         f"synthetic_persons-test-step{latest['step']}.json")
+  assert _figures(inference.evaluate_run(run, best=True)) == results["best_val"]["test"]
+  assert rundir.RunDir(run).evaluation_file("synthetic_persons", "test", latest["step"], False) == os.path.join(
+      run, "evaluations", f"synthetic_persons-test-step{latest['step']}.json")
 
 
 def test_the_best_checkpoint_is_what_evaluate_export_and_search_read(run, exported, tmp_path):
   copy = str(tmp_path / "run")
   shutil.copytree(run, copy)
-  config, _, model, params, step = train.load_trained(copy)
+  config, _, model, params, step = inference.load_trained(copy)
   halved = jax.tree.map(lambda p: 0.5 * p, params)
-  best = checkpointing.Checkpointer(os.path.join(copy, train.BEST_DIR), 1, 1, async_save=False)
+  best = checkpointing.Checkpointer(os.path.join(copy, rundir.BEST_DIR), 1, 1, async_save=False)
   best.save(step + 1, {"params": halved}, force=True)
   best.close()
-  _, _, _, loaded, loaded_step = train.load_trained(copy, best=True)
+  _, _, _, loaded, loaded_step = inference.load_trained(copy, best=True)
   assert loaded_step == step + 1
   jax.tree.map(np.testing.assert_array_equal, loaded, halved)
 
   _, splits = datasets.load(config.data, ("test",))
   mesh = parallel.make_mesh()
-  expected = train.evaluate_split(train.make_encoders(model, mesh), halved, splits["test"], mesh,
+  expected = inference.evaluate_split(inference.make_encoders(model, mesh), halved, splits["test"], mesh,
                                   config.eval.batch_size)
-  result = evaluate_run.evaluate_run(copy, best=True)
+  result = inference.evaluate_run(copy, best=True)
   assert result["best"] and result["step"] == step + 1 and _figures(result) == expected
-  assert evaluate_run.default_out(result).endswith(f"synthetic_persons-test-step{step + 1}-best.json")
+
 
   manifest = gallery.export_split(copy, "test", str(tmp_path / "emb"), best=True)
   assert manifest["best"] and manifest["step"] == step + 1
   emb, latest = gallery.load(str(tmp_path / "emb")), gallery.load(exported[0])
   assert not np.allclose(np.concatenate(emb.texts), np.concatenate(latest.texts), atol=1e-3)
   captions = [r["caption"] for r in emb.text_index[:3]]  # search embeds queries with the export's checkpoint
-  np.testing.assert_allclose(search.embed_queries(emb, captions), np.concatenate(emb.texts)[:3], atol=1e-6)
+  _, rows = gallery.search_texts(emb, captions, k=1)
+  best_run = inference.load_trained(copy, best=True)
+  np.testing.assert_allclose(inference.embed_texts(best_run, captions), np.concatenate(emb.texts)[:3], atol=1e-6)
+  expected = gallery.exact_search(inference.embed_texts(best_run, captions), emb.images, 1)[1]
+  np.testing.assert_array_equal(rows, expected)
 
 
 def test_evaluate_run_on_another_benchmark_reads_it_as_the_run_reads_captions_and_images(run, tmp_path):
   root = str(tmp_path / "RSTPReid")
   test_annos = [a for a in benchmark_fixtures.write_fixture(root, "rstpreid") if a["split"] == "test"]
-  result = evaluate_run.evaluate_run(run, dataset="rstpreid", manual_dir=root)
+  result = inference.evaluate_run(run, dataset="rstpreid", manual_dir=root)
   assert (result["dataset"], result["images"], result["captions"], result["identities"]) == (
       "rstpreid", len(test_annos), sum(len(a["captions"]) for a in test_annos), benchmark_fixtures.SPLIT_IDS["test"])
 
-  config, tokenizer, model, params, _ = train.load_trained(run)
-  cfg = datasets.cross_domain(config.data, "rstpreid", root, train.run_tokenizer_path(run))
+  config, tokenizer, model, params, _ = inference.load_trained(run)
+  cfg = datasets.cross_domain(config.data, "rstpreid", root, inference.run_tokenizer_path(run))
   assert (cfg.image_size, cfg.context_length, cfg.data_dir) == (
       config.data.image_size, config.data.context_length, config.data.data_dir)
   _, splits = datasets.load(cfg, ("test",))
@@ -231,34 +236,48 @@ def test_evaluate_run_on_another_benchmark_reads_it_as_the_run_reads_captions_an
   np.testing.assert_array_equal(test.tokens, tokenizer.encode(test.pair_caption))
   assert test.load_image(0).shape == (*config.data.image_size, 3)
   mesh = parallel.make_mesh()
-  assert _figures(result) == train.evaluate_split(train.make_encoders(model, mesh), params, test, mesh,
+  assert _figures(result) == inference.evaluate_split(inference.make_encoders(model, mesh), params, test, mesh,
                                                   config.eval.batch_size)
 
 
 def test_evaluate_run_errors_name_what_is_wrong(run, tmp_path):
   known = "reads a benchmark (cuhk_pedes, icfg_pedes, rstpreid), got 'market1501'"
   with pytest.raises(ValueError, match=re.escape(known)):
-    evaluate_run.evaluate_run(run, dataset="market1501")
+    inference.evaluate_run(run, dataset="market1501")
   with pytest.raises(FileNotFoundError, match=re.escape(f"manual_dir {tmp_path}/none is not a folder")):
-    evaluate_run.evaluate_run(run, dataset="cuhk_pedes", manual_dir=str(tmp_path / "none"))
+    inference.evaluate_run(run, dataset="cuhk_pedes", manual_dir=str(tmp_path / "none"))
   with pytest.raises(ValueError, match="manual_dir is for another data set"):
-    evaluate_run.evaluate_run(run, manual_dir=str(tmp_path))
+    inference.evaluate_run(run, manual_dir=str(tmp_path))
   copy = str(tmp_path / "run")
-  shutil.copytree(run, copy, ignore=shutil.ignore_patterns(train.BEST_DIR))
+  shutil.copytree(run, copy, ignore=shutil.ignore_patterns(rundir.BEST_DIR))
   with pytest.raises(FileNotFoundError, match=f"{re.escape(copy)} has no best/ folder: the run evaluated no val"):
-    evaluate_run.evaluate_run(copy, best=True)
+    inference.evaluate_run(copy, best=True)
 
 
 def test_evaluate_run_command_prints_and_writes_the_figures(run):
-  proc = _cli("evaluate_run", "--workdir", run, "--best")
+  proc = _cli("evaluate", "--workdir", run, "--best")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  result = evaluate_run.evaluate_run(run, best=True)
-  out = evaluate_run.default_out(result)
+  result = inference.evaluate_run(run, best=True)
+  out = rundir.RunDir(run).evaluation_file(result["dataset"], result["split"], result["step"], True)
   with open(out) as f:
     written = json.load(f)
   assert _figures(written) == _figures(result) and written["best"] and written["step"] == result["step"]
-  assert f"text→image  {train.format_metrics(result['t2i'])}" in proc.stdout
+  assert f"text→image  {reporting.format_metrics(result['t2i'])}" in proc.stdout
   assert proc.stdout.strip().splitlines()[-1] == f"written to {out}"
-  bad = _cli("evaluate_run", "--workdir", run, "--dataset", "market1501")
+  bad = _cli("evaluate", "--workdir", run, "--dataset", "market1501")
   assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith(
       "error: cross-domain evaluation reads a benchmark")
+
+
+def test_inference_programs_run_without_loading_the_trainer(run, exported, tmp_path):
+  """export, search, report and evaluate, each run in a fresh process, never load a training module."""
+  programs = {
+      "export": ["--workdir", run, "--out", str(tmp_path / "emb")],
+      "search": ["--emb", exported[0], "--query", "a man in red trousers", "-k", "2"],
+      "report": ["--emb", exported[0], "--out", str(tmp_path / "report"), "--num_queries", "2", "-k", "2"],
+      "evaluate": ["--workdir", run, "--out", str(tmp_path / "figures.json")],
+  }
+  for name, args in programs.items():
+    out, loaded = test_structure.run_listing_training_modules(f"dgia_jax.tools.{name}", *args)
+    assert "EXIT 0" in out, out[-3000:]
+    assert loaded == [], f"tools.{name} loaded {loaded}"

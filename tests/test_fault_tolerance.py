@@ -1,6 +1,5 @@
 """Multi-process training, exact resume after SIGTERM/SIGKILL, and the non-finite guard."""
 
-import json
 import os
 import signal
 import socket
@@ -12,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from dgia_jax import checkpointing, parallel, reporting, train
+from dgia_jax import checkpointing, inference, optim, parallel, rundir, train
+from dgia_jax import step as step_lib
 from dgia_jax.data import datasets
 from tests import helpers
 
@@ -130,8 +130,7 @@ def test_resume_after_sigterm_and_sigkill_equals_an_uninterrupted_run(tmp_path, 
 
   for workdir in (term, kill):
     _assert_same_state(_final_state(workdir), reference)  # params, optimizer moments, banks: bit for bit
-    with open(os.path.join(workdir, reporting.METRICS_FILE)) as f:
-      steps = [r["step"] for r in map(json.loads, f) if r["kind"] == "train"]
+    steps = [r["step"] for r in rundir.RunDir(workdir).records("train")]
     assert steps == list(range(1, 25))  # every step logged once, none lost or repeated
     assert len([n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]) <= 2  # keep=2
 
@@ -173,10 +172,10 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_d
   # ... and the two models compute the same embeddings.
   feats = []
   for workdir in (multi, reference):
-    _, tokenizer, model, params, _ = train.load_trained(workdir)
+    _, tokenizer, model, params, _ = inference.load_trained(workdir)
     _, splits = datasets.load(helpers.tiny_config(data_dir).data, ("test",))
     mesh = parallel.make_mesh()
-    feats.append(train.extract_features(train.make_encoders(model, mesh), params, splits["test"], mesh, 16))
+    feats.append(inference.extract_features(inference.make_encoders(model, mesh), params, splits["test"], mesh, 16))
   for x, y in zip(*feats):
     np.testing.assert_allclose(x, y, atol=1e-4)
 
@@ -186,13 +185,12 @@ def test_non_finite_steps_are_skipped_or_stop_the_run(tmp_path, tiny_config):
   tiny_config.train.epochs = 1
   workdir = str(tmp_path / "skip")
   train.train_and_evaluate(tiny_config, workdir)
-  with open(os.path.join(workdir, reporting.METRICS_FILE)) as f:
-    records = [r for r in map(json.loads, f) if r["kind"] == "train"]
+  records = rundir.RunDir(workdir).records("train")
   assert sum(r["skipped_steps"] for r in records) == 4
   _, raw = _final_state(workdir)
   tokenizer, _ = datasets.load(tiny_config.data, ("test",))
-  tx, _ = train.make_optimizer(tiny_config.train, 4)
-  init = train.init_state(train.build_model(tiny_config, tokenizer), tx, tiny_config.seed, 64,
+  tx, _ = optim.make_optimizer(tiny_config.train, 4)
+  init = step_lib.init_state(inference.build_model(tiny_config, tokenizer), tx, tiny_config.seed, 64,
                           parallel.make_mesh())
   for x, y in zip(jax.tree.leaves(raw["params"]), jax.tree.leaves(init.params)):
     np.testing.assert_array_equal(x, y)  # never poisoned

@@ -6,12 +6,15 @@ import sys
 import pytest
 
 from dgia_jax import host_memory
+from tests.helpers import ROOT
 
-# Allocates, touches and frees 64 MB twice with malloc (as XLA does its temporary buffers);
-# prints the page faults of the second time.
+# Starts as every program does (`cli.start`), then allocates, touches and frees 64 MB twice with
+# malloc (as XLA does its temporary buffers); prints the page faults of the second time.
 _SECOND_ALLOCATION_FAULTS = """
 import ctypes, ctypes.util, resource
-import dgia_jax
+from dgia_jax import cli
+cli.parse_flags(["program", "--compilation_cache_dir="])
+cli.start(["program"])
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 def touch_and_free():
@@ -37,3 +40,15 @@ def test_freed_memory_is_reused_without_page_faults():
   pages = (1 << 26) // os.sysconf("SC_PAGE_SIZE")
   assert _second_allocation_faults("1") < pages // 20  # the freed 64 MB is still mapped
   assert _second_allocation_faults("0") > pages // 2  # glibc's default: munmap, then fault it in again
+
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc malloc")
+def test_importing_the_package_or_a_config_leaves_the_allocator_alone():
+  """The setting belongs to program start, not to an import (of a config file, by a library user)."""
+  code = _SECOND_ALLOCATION_FAULTS.replace('cli.start(["program"])', 'cli.load_config("configs/default.py")')
+  assert 'cli.load_config("configs/default.py")' in code
+  env = {**os.environ, host_memory.ENV_SWITCH: "1", "PYTHONPATH": ROOT}
+  out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, capture_output=True,
+                       text=True).stdout
+  assert int(out.split()[-1]) > (1 << 26) // os.sysconf("SC_PAGE_SIZE") // 2

@@ -40,7 +40,7 @@ def test_no_relations_is_sdm_against_the_identity():
 def test_pairs_agreeing_in_both_modalities_get_a_soft_row():
   img = unit(np.eye(4)[[0, 0, 1, 2]] + 0.01 * np.arange(16).reshape(4, 4) / 16)  # pairs 0 and 1 look alike
   txt = unit(np.eye(4)[[3, 3, 0, 1]])  # and are described alike
-  target = losses.lrc_targets(jnp.asarray(img), jnp.asarray(txt), 0.7, 0.7, 0.1)
+  target = losses.relation_targets(losses.agreement_relations(jnp.asarray(img), jnp.asarray(txt), 0.7, 0.7), 0.1)
   np.testing.assert_allclose(jax.nn.softmax(target[0]), softmax([1.0, 0.1, -np.inf, -np.inf]), rtol=1e-6)
   np.testing.assert_allclose(jax.nn.softmax(target[1]), softmax([0.1, 1.0, -np.inf, -np.inf]), rtol=1e-6)
   np.testing.assert_array_equal(np.isfinite(target[2:]), np.eye(4, dtype=bool)[2:])
@@ -57,7 +57,7 @@ def test_gradients_are_finite_for_identical_features():
   feats = jnp.asarray(unit(np.ones((5, 8))))
 
   def loss(img, txt):
-    target = losses.lrc_targets(img, txt, 0.7, 0.7, 0.1)
+    target = losses.relation_targets(losses.agreement_relations(img, txt, 0.7, 0.7), 0.1)
     return losses.lrc_loss(img, txt, target, 0.02) + losses.itc_loss(img, txt, 0.02)
 
   grads = jax.grad(loss, argnums=(0, 1))(feats, feats)

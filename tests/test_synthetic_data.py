@@ -25,7 +25,7 @@ def _records(builder, split):
 def test_writes_array_record_files_and_tokenizer(builder):
   files = glob.glob(os.path.join(builder.data_dir, "*.array_record*"))
   assert {os.path.basename(f).split(".")[0].split("-")[1] for f in files} == {"train", "val", "test"}
-  assert os.path.exists(os.path.join(builder.data_dir, synthetic_persons.TOKENIZER_FILE))
+  assert os.path.exists(os.path.join(builder.data_dir, datasets.SYNTHETIC_TOKENIZER_FILE))
 
 
 def test_split_sizes_images_and_captions(builder):

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dgia_jax import checkpointing, identity_graph, parallel, reporting, train
+from dgia_jax import build, checkpointing, inference, objective, optim, parallel, rundir, train
+from dgia_jax import step as step_lib
 from dgia_jax.data import datasets, pipeline
 from tests import helpers
 
@@ -25,13 +26,12 @@ def trained(tmp_path_factory, data_dir):
 
 
 def _records(workdir, kind, split=None):
-  with open(os.path.join(workdir, reporting.METRICS_FILE)) as f:
-    return [r for r in map(json.loads, f) if r["kind"] == kind and split in (None, r.get("split"))]
+  return [r for r in rundir.RunDir(workdir).records(kind) if split in (None, r.get("split"))]
 
 
 def test_writes_results_curves_and_metrics(trained):
   cfg, workdir, results = trained
-  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, rundir.RESULTS_FILE)) as f:
     saved = json.load(f)
   assert saved["final"] == results["final"]
   assert set(results["final"]["t2i"]) == {"R1", "R5", "R10", "mAP", "mINP"}
@@ -39,7 +39,7 @@ def test_writes_results_curves_and_metrics(trained):
   assert [r["epoch"] for r in _records(workdir, "eval", "val")] == [1, 2]
   losses = [r["loss"] for r in _records(workdir, "train")]
   assert len(losses) == results["steps"] == 2 * (64 // 16) and all(np.isfinite(losses))
-  with open(os.path.join(workdir, train.CURVES_FILE), "rb") as f:
+  with open(os.path.join(workdir, rundir.CURVES_FILE), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -61,7 +61,7 @@ def test_optimizer_gives_biases_twice_the_rate_and_no_decay():
   tcfg = ml_collections.ConfigDict(dict(lr=0.1, min_lr=0.0, warmup_epochs=0, warmup_factor=0.1, epochs=1,
                                         weight_decay=0.5, bias_lr_factor=2.0, b1=0.9, b2=0.999, eps=1e-8,
                                         grad_clip=0.0))
-  tx, _ = train.make_optimizer(tcfg, steps_per_epoch=100)
+  tx, _ = optim.make_optimizer(tcfg, steps_per_epoch=100)
   params = {"dense": {"kernel": jnp.ones(3), "bias": jnp.ones(3)}}
   grads = {"dense": {"kernel": jnp.zeros(3), "bias": jnp.full(3, 1.0)}}
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -104,9 +104,9 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path, data_dir):
 
 def _restore_latest(cfg, ckpt_dir):
   tokenizer, _ = datasets.load(cfg.data, ("test",))
-  tx, _ = train.make_optimizer(cfg.train, 4)
+  tx, _ = optim.make_optimizer(cfg.train, 4)
   mesh = parallel.make_mesh()
-  template = train.init_state(train.build_model(cfg, tokenizer), tx, 0, identity_graph.padded_size(64, mesh), mesh)
+  template = step_lib.init_state(inference.build_model(cfg, tokenizer), tx, 0, 64, mesh)
   ckpt = checkpointing.Checkpointer(ckpt_dir, 1, 3)
   try:
     return ckpt.latest_step(), ckpt.restore(template)
@@ -147,16 +147,16 @@ def test_kill_during_checkpoint_writes_leaves_a_usable_checkpoint(tmp_path, data
 
 def test_load_trained_gives_the_final_parameters(trained):
   cfg, workdir, _ = trained
-  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, rundir.RESULTS_FILE)) as f:
     results = json.load(f)  # the latest run in this workdir (another test may have resumed it)
-  config, tokenizer, model, params, step = train.load_trained(workdir)
+  config, tokenizer, model, params, step = inference.load_trained(workdir)
   assert step == results["steps"] and config.train.batch_size == cfg.train.batch_size
   _, splits = datasets.load(config.data, ("test",))
-  txt, img = train.extract_features(train.make_encoders(model, parallel.make_mesh()), params, splits["test"],
+  txt, img = inference.extract_features(inference.make_encoders(model, parallel.make_mesh()), params, splits["test"],
                                     parallel.make_mesh(), 16)
-  from dgia_jax import evaluate
+  from dgia_jax import metrics
 
-  metrics = evaluate.evaluate_retrieval(txt, img, splits["test"].pair_person_ids, splits["test"].person_ids)
+  metrics = metrics.evaluate_retrieval(txt, img, splits["test"].pair_person_ids, splits["test"].person_ids)
   assert metrics["t2i"] == pytest.approx(results["final"]["t2i"], abs=1e-3)
 
 
@@ -168,22 +168,21 @@ def _one_step(cfg, pair_pids_of, pseudo_ids_of=None):
   tokenizer, splits = datasets.load(cfg.data, ("train",))
   split = splits["train"]
   order = pipeline.EpochOrder(split.num_pairs, cfg.train.batch_size, cfg.seed)
-  model = train.build_model(cfg, tokenizer)
-  tx, schedule = train.make_optimizer(cfg.train, order.steps_per_epoch)
-  rows = identity_graph.padded_size(split.num_pairs, mesh)
-  state = train.init_state(model, tx, cfg.seed, rows, mesh)
+  built = build.training(cfg, tokenizer, order.steps_per_epoch, split.num_pairs, mesh)
+  state = built.state
+  rows = state.bank.size
   if pseudo_ids_of is not None:
     pseudo = np.full(rows, -1, np.int32)
     pseudo[:split.num_pairs] = pseudo_ids_of(split)
     state = state.replace(pseudo_ids=jnp.asarray(pseudo))
-  step = train.make_train_step(model, tx, schedule, cfg, order.steps_per_epoch, tokenizer.mask_id, state, mesh)
+    built.step = step_lib.make_train_step(built.objective, built.tx, built.schedule, step_lib.shardings(state, mesh))
   pids = np.full(rows, -1, np.int32)
   pids[:split.num_pairs] = pair_pids_of(split)
   start = order.steps_per_epoch  # epoch 2: the global loss is on
   state = state.replace(step=jnp.asarray(start, jnp.int32))
   batches = pipeline.train_batches(split, order, start_step=start, end_step=start + 2, num_threads=2)
   for batch in batches:
-    state, metrics, counts = step(state, parallel.to_global(batch, mesh), jnp.asarray(pids))
+    state, metrics, counts = built.step(state, parallel.to_global(batch, mesh), jnp.asarray(pids))
   return state, metrics, counts
 
 
@@ -218,18 +217,17 @@ def test_cluster_relations_replace_or_join_the_agreement_relations(tiny_config):
 
 
 def _relation_aux(cfg):
-  """compute_losses' aux on one training batch of the tiny set, relations switched on."""
+  """The objective's aux on one training batch of the tiny set, relations switched on."""
   mesh = parallel.make_mesh()
   tokenizer, splits = datasets.load(cfg.data, ("train",))
   split = splits["train"]
   order = pipeline.EpochOrder(split.num_pairs, cfg.train.batch_size, cfg.seed)
   batch = next(pipeline.train_batches(split, order, start_step=0, end_step=1, num_threads=2))
-  model = train.build_model(cfg, tokenizer)
+  model = inference.build_model(cfg, tokenizer)
   params = model.init(jax.random.key(0), np.zeros((1, *cfg.data.image_size, 3), np.float32),
                       np.zeros((1, cfg.data.context_length), np.int32))["params"]
-  active = {"relations": jnp.asarray(True), "gsrc": jnp.asarray(False)}
-  _, _, aux = train.compute_losses(model, params, jax.tree.map(jnp.asarray, batch), jax.random.key(1), None,
-                                   jnp.asarray(split.pair_person_ids), active, cfg, tokenizer.mask_id, mesh)
+  obj = objective.Objective.from_config(cfg, model, tokenizer.mask_id, order.steps_per_epoch, mesh)
+  _, _, aux = obj(params, jax.tree.map(jnp.asarray, batch), jnp.int32(0), pair_pids=jnp.asarray(split.pair_person_ids))
   return aux
 
 
@@ -251,7 +249,7 @@ def test_perturbed_partners_take_the_clean_pairs_relations_or_their_own(tiny_con
   assert not np.array_equal(_relation_aux(tiny_config)["iasc_related"], clean)
   tiny_config.iasc.relations = "masked"
   with pytest.raises(ValueError, match="iasc.relations"):
-    train.train_and_evaluate(tiny_config, "/nonexistent/never-written")
+    objective.check_config(tiny_config)
 
 
 def test_fine_tuning_starts_from_a_run_with_its_tokenizer(trained, tiny_config, tmp_path):
@@ -264,12 +262,12 @@ def test_fine_tuning_starts_from_a_run_with_its_tokenizer(trained, tiny_config, 
   cfg.loss.update(dict(lrc=False, iasc=False, gsrc=False))
   cfg.train.update(dict(epochs=1, lr=1e-12))
   train.train_and_evaluate(cfg, str(tmp_path / "run"))
-  saved, tok, _, params, _ = train.load_trained(str(tmp_path / "run"))
+  saved, tok, _, params, _ = inference.load_trained(str(tmp_path / "run"))
   own = datasets.tokenizer_path(cfg.data, datasets.get_builder(cfg.data, prepare=False))
-  assert saved.data.tokenizer == train.run_tokenizer_path(pre_dir) != own
+  assert saved.data.tokenizer == inference.run_tokenizer_path(pre_dir) != own
   captions = ["a woman wearing a red coat and black trousers"]
-  np.testing.assert_array_equal(tok.encode(captions), train.load_trained(pre_dir)[1].encode(captions))
-  _, _, _, start, _ = train.load_trained(pre_dir)
+  np.testing.assert_array_equal(tok.encode(captions), inference.load_trained(pre_dir)[1].encode(captions))
+  _, _, _, start, _ = inference.load_trained(pre_dir)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, start)
   cfg.model.text.width = 48  # a model the run's weights do not fit
   with pytest.raises(ValueError, match="text/.* is .* there, the config's model has"):
@@ -281,12 +279,12 @@ def test_relation_counts_hand_computed():
          "gsrc_rows": jnp.array([[3, 4], [0, 2], [4, 1]]), "gsrc_valid": jnp.array([[1, 1], [0, 0], [1, 0]], bool),
          "gsrc_edges": jnp.array([[0.7, 0.8], [-jnp.inf, -jnp.inf], [0.6, -jnp.inf]])}
   pair_pids = jnp.array([5, 5, 6, 5, 6])
-  counts = jax.device_get(train.relation_counts(aux, jnp.array([0, 1, 2]), pair_pids))
+  counts = jax.device_get(objective.relation_counts(aux, jnp.array([0, 1, 2]), pair_pids))
   # In batch: pids 5, 5, 6. Predicted off-diagonal: (0,1), (1,0), (1,2), (2,1) -> 2 hits of 2 same.
   assert (counts["lrc_pred"], counts["lrc_hit"], counts["lrc_same"]) == (4, 2, 2)
   # Global: anchor 0 (pid 5) -> rows 3 (5), 4 (6); anchor 2 (pid 6) -> row 4 (6).
   assert (counts["gsrc_pred"], counts["gsrc_hit"], counts["gsrc_anchors"]) == (3, 2, 2)
-  summary = train.summarize_relations(counts)
+  summary = objective.summarize_relations(counts)
   assert summary["lrc_precision"] == 50.0 and summary["lrc_recall"] == 100.0
   assert summary["gsrc_precision"] == pytest.approx(200 / 3) and summary["gsrc_mean_weight"] == pytest.approx(0.7)
 
@@ -302,14 +300,14 @@ def test_memory_bank_is_checkpointed_and_restored(trained):
 
 def test_best_epoch_is_selected_on_validation_identities_only(trained):
   cfg, workdir, _ = trained
-  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, rundir.RESULTS_FILE)) as f:
     results = json.load(f)
   vals = _records(workdir, "eval", "val")
   best = max(vals, key=lambda r: r["t2i"]["R1"])
   assert results["best_val"]["epoch"] == best["epoch"] and results["best_val"]["val"]["t2i"] == best["t2i"]
   test_at_best = next(r for r in _records(workdir, "eval", "test") if r["step"] == best["step"])
   assert results["best_val"]["test"]["t2i"] == test_at_best["t2i"]
-  step, _ = checkpointing.Checkpointer(os.path.join(workdir, train.BEST_DIR), 1, 1).restore_raw()
+  step, _ = checkpointing.Checkpointer(os.path.join(workdir, rundir.BEST_DIR), 1, 1).restore_raw()
   assert step == best["step"]
 
 

@@ -8,7 +8,9 @@ import tensorflow_datasets as tfds
 
 from data_prep import benchmarks, synthetic_persons
 from dgia_jax.data.pipeline import Split, hold_out_identities, open_split
-from dgia_jax.data.tokenizer import Tokenizer
+from dgia_jax.data.tokenizer import Tokenizer, train_bpe
+
+SYNTHETIC_TOKENIZER_FILE = "tokenizer.json"  # beside the synthetic set's data
 
 
 def _synthetic_builder(data_cfg) -> tfds.core.DatasetBuilder:
@@ -48,8 +50,20 @@ def get_builder(data_cfg, prepare: bool = True) -> tfds.core.DatasetBuilder:
                               "run with --config.data.prepare=True")
     prepare_fn(builder, data_cfg)
   if data_cfg.name == "synthetic_persons":
-    synthetic_persons.train_tokenizer(builder)
+    _train_synthetic_tokenizer(builder)
   return builder
+
+
+def _train_synthetic_tokenizer(builder: synthetic_persons.SyntheticPersons) -> None:
+  """A BPE tokenizer trained on the synthetic set's train captions, saved beside the data (once)."""
+  path = os.path.join(builder.data_dir, SYNTHETIC_TOKENIZER_FILE)
+  if os.path.exists(path):
+    return
+  source = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+  texts = [c.decode() for i in range(len(source)) for c in source[i]["captions"]]
+  tmp = path + ".tmp"
+  train_bpe(texts, builder.builder_config.tokenizer_vocab_size).save(tmp)
+  os.replace(tmp, path)
 
 
 def tokenizer_path(data_cfg, builder: tfds.core.DatasetBuilder | None = None) -> str:
@@ -61,7 +75,7 @@ def tokenizer_path(data_cfg, builder: tfds.core.DatasetBuilder | None = None) ->
     raise ValueError(f"data set '{data_cfg.name}' needs data.tokenizer: the CLIP checkpoint folder "
                      "(tokenizer.json, or vocab.json + merges.txt)")
   builder = builder or get_builder(data_cfg, prepare=False)
-  return os.path.join(builder.data_dir, synthetic_persons.TOKENIZER_FILE)
+  return os.path.join(builder.data_dir, SYNTHETIC_TOKENIZER_FILE)
 
 
 def get_tokenizer(data_cfg, builder: tfds.core.DatasetBuilder | None = None) -> Tokenizer:

@@ -161,11 +161,6 @@ class EpochOrder:
     epoch, within = divmod(step, self.steps_per_epoch)
     return int(self.permutation(epoch)[within * self.global_batch + row])
 
-  def batch_pairs(self, step: int) -> np.ndarray:
-    """int64 [global_batch]: the pairs of step `step`'s global batch."""
-    epoch, within = divmod(step, self.steps_per_epoch)
-    return self.permutation(epoch)[within * self.global_batch:(within + 1) * self.global_batch]
-
 
 def train_batches(split: Split, order: EpochOrder, *, start_step: int, end_step: int,
                   process_index: int = 0, process_count: int = 1, num_threads: int = 4,
@@ -221,9 +216,3 @@ def token_batches(tokens: np.ndarray, global_batch: int, process_index: int = 0,
   """Every row of tokens int32 [N, L] once, in order: `tokens` int32 [b, L], `valid` bool [b]."""
   for rows in _padded_rows(len(tokens), global_batch, process_index, process_count):
     yield {"tokens": tokens[np.maximum(rows, 0)], "valid": rows >= 0}
-
-
-def eval_text_batches(split: Split, global_batch: int, process_index: int = 0,
-                      process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Every caption of the split once, in pair order (see `token_batches`)."""
-  return token_batches(split.tokens, global_batch, process_index, process_count)

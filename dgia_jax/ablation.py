@@ -1,6 +1,6 @@
-"""Ablation runner: every row is a set of config switches of the same trainer.
+"""The ablation study: every row is a set of config switches of the same trainer.
 
-  python -m dgia_jax.ablate --config configs/default.py --workdir runs/ablation \
+  python -m dgia_jax.tools.ablate --config configs/default.py --workdir runs/ablation \
       --rows itc,lrc,gsrc,lrc+gsrc,full,oracle --seeds 3
 
 Each (row, seed) trains in `workdir/<row>/seed<k>` with identical data and schedule; `seed`
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import matplotlib
@@ -24,10 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from dgia_jax import cli, reporting, train  # noqa: E402
+from dgia_jax import rundir, train  # noqa: E402
 
 _LOSSES_OFF = {"loss.lrc": False, "loss.iasc": False, "loss.gsrc": False}
 ROWS: dict[str, dict[str, object]] = {
@@ -46,15 +43,7 @@ ROWS: dict[str, dict[str, object]] = {
                       "relations.clusters.mode": "or"},
 }
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
-TIME_FILE = "wall_seconds.json"
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every run of the ablation and its report.")
-_ROWS = flags.DEFINE_list("rows", ["itc", "lrc", "gsrc", "lrc+gsrc", "full", "oracle"],
-                          f"Rows to run, from {sorted(ROWS)}.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per row (0 .. seeds-1).")
-flags.mark_flags_as_required(["config", "workdir"])
+TIME_FILE = "wall_seconds.json"  # beside each run of the study: its training time, resumes included
 
 
 def row_config(config, row: str, seed: int):
@@ -76,20 +65,18 @@ def row_config(config, row: str, seed: int):
 
 def run_one(config, workdir: str) -> dict:
   """Trains one (row, seed) unless its results exist; returns results with its wall time."""
-  results_path = os.path.join(workdir, train.RESULTS_FILE)
+  run = rundir.RunDir(workdir)
   time_path = os.path.join(workdir, TIME_FILE)
-  if not os.path.exists(results_path):
+  if not os.path.exists(run.results):
     spent = json.load(open(time_path))["seconds"] if os.path.exists(time_path) else 0.0
     started = time.time()
     train.train_and_evaluate(config, workdir)
     with open(time_path, "w") as f:
       json.dump({"seconds": spent + time.time() - started}, f)
-  with open(results_path) as f:
-    results = json.load(f)
+  results = run.read_results()
   with open(time_path) as f:
     results["wall_seconds"] = json.load(f)["seconds"]
-  with open(os.path.join(workdir, reporting.METRICS_FILE)) as f:
-    relations = [r for r in map(json.loads, f) if r["kind"] == "relations"]
+  relations = run.records("relations")
   results["relations"] = relations[-1] if relations else {}
   return results
 
@@ -178,27 +165,22 @@ def bar_chart(summary: dict, path: str) -> None:
   plt.close(fig)
 
 
-def main(argv):
-  cli.start(argv)
-  root = _WORKDIR.value
-  unknown = [r for r in _ROWS.value if r not in ROWS]
+def run_study(config, root: str, rows: list[str], seeds: int, command: str) -> str:
+  """Trains every (row, seed) under `root` (finished runs are reused) and writes ablation.md,
+  ablation.json and ablation.png there; returns the markdown report."""
+  unknown = [r for r in rows if r not in ROWS]
   if unknown:
-    sys.exit(f"error: unknown ablation rows {unknown}; known: {sorted(ROWS)}")
-  per_row = {row: [] for row in _ROWS.value}
-  for seed in range(_SEEDS.value):  # seed-major: an interrupted study has every row at equal seeds
-    for row in _ROWS.value:
+    raise ValueError(f"unknown ablation rows {unknown}; known: {sorted(ROWS)}")
+  per_row = {row: [] for row in rows}
+  for seed in range(seeds):  # seed-major: an interrupted study has every row at equal seeds
+    for row in rows:
       print(f"ablation: row {row}, seed {seed}", flush=True)
-      per_row[row].append(run_one(row_config(_CONFIG.value, row, seed), os.path.join(root, row, f"seed{seed}")))
+      per_row[row].append(run_one(row_config(config, row, seed), os.path.join(root, row, f"seed{seed}")))
   summary = summarize(per_row)
-  command = "python -m dgia_jax.ablate " + " ".join(sys.argv[1:])
   report = markdown(summary, command)
   with open(os.path.join(root, "ablation.md"), "w") as f:
     f.write(report)
   with open(os.path.join(root, "ablation.json"), "w") as f:
     json.dump(summary, f, indent=1)
   bar_chart(summary, os.path.join(root, "ablation.png"))
-  print(report)
-
-
-if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  return report

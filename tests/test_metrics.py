@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dgia_jax import evaluate
+from dgia_jax import metrics
 
 
 def reference_metrics(sim, q_pids, g_pids, max_rank=10):
@@ -21,7 +21,7 @@ def reference_metrics(sim, q_pids, g_pids, max_rank=10):
 
 
 def check(sim, q, g, expected):
-  got = evaluate.rank_metrics(np.asarray(sim, np.float32), np.asarray(q), np.asarray(g))
+  got = metrics.rank_metrics(np.asarray(sim, np.float32), np.asarray(q), np.asarray(g))
   for k, v in expected.items():
     assert got[k] == pytest.approx(v, abs=1e-4), (k, got)
 
@@ -52,12 +52,12 @@ def test_means_over_queries():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_matches_argsort_reference_with_ties_and_many_blocks(seed, monkeypatch):
-  monkeypatch.setattr(evaluate, "_BLOCK_ELEMENTS", 4096)  # force many padded blocks
+  monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 4096)  # force many padded blocks
   rng = np.random.default_rng(seed)
   q_pids = rng.integers(0, 20, size=203)
   g_pids = np.concatenate([np.arange(20), rng.integers(0, 20, size=57)])
   sim = np.round(rng.normal(size=(203, 77)), 1).astype(np.float32)  # rounding creates ties
-  got = evaluate.rank_metrics(sim, q_pids, g_pids)
+  got = metrics.rank_metrics(sim, q_pids, g_pids)
   ref = reference_metrics(sim, q_pids, g_pids)
   for k in ref:
     assert got[k] == pytest.approx(ref[k], abs=1e-4), k
@@ -68,20 +68,20 @@ def test_feature_and_similarity_entry_points_agree():
   q = rng.normal(size=(50, 8)).astype(np.float32)
   g = rng.normal(size=(30, 8)).astype(np.float32)
   q_pids, g_pids = rng.integers(0, 10, 50), np.arange(30) % 10
-  a = evaluate.retrieval_metrics(q, g, q_pids, g_pids)
-  b = evaluate.rank_metrics(q @ g.T, q_pids, g_pids)
+  a = metrics.retrieval_metrics(q, g, q_pids, g_pids)
+  b = metrics.rank_metrics(q @ g.T, q_pids, g_pids)
   assert a == pytest.approx(b, abs=1e-4)
 
 
 def test_query_without_positive_is_reported():
   with pytest.raises(ValueError, match=r"query 1 \(person id 5\) has no positive"):
-    evaluate.rank_metrics(np.zeros((2, 3)), [1, 5], [1, 2, 3])
+    metrics.rank_metrics(np.zeros((2, 3)), [1, 5], [1, 2, 3])
 
 
 def test_top_k_returns_best_first():
   rng = np.random.default_rng(4)
   q, g = rng.normal(size=(5, 4)), rng.normal(size=(9, 4))
-  scores, idx = evaluate.top_k(q, g, 3, block=2)
+  scores, idx = metrics.top_k(q, g, 3, block=2)
   ref = np.argsort(-(q @ g.T), axis=1)[:, :3]
   np.testing.assert_array_equal(idx, ref)
   np.testing.assert_allclose(scores, np.take_along_axis(q @ g.T, ref, 1), rtol=1e-5)

@@ -1,19 +1,21 @@
 """Builds a benchmark from its original files and prints its images, captions and ids per split.
 
-  python -m data_prep.prepare --dataset cuhk_pedes --manual_dir /path/CUHK-PEDES --data_dir data/tfds
+  python -m dgia_jax.tools.prepare --dataset cuhk_pedes --manual_dir /path/CUHK-PEDES --data_dir data/tfds
 
 `--nostrict` skips bad records (counted, and listed in `<data_dir>/<dataset>_problems.jsonl`)
 instead of failing on them. A data set already built under `--data_dir` is only summarised.
 """
 
-from absl import app, flags
+from absl import flags
 
 from data_prep import benchmarks
+from dgia_jax import cli
 
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(benchmarks.BUILDERS), "Benchmark to build.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder of its original files: annotation JSON and imgs/.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "TFDS data dir to build into.")
 _STRICT = flags.DEFINE_bool("strict", True, "Fail on any bad record (else skip bad records and list them).")
+flags.mark_flags_as_required(["dataset"])
 
 
 def summary_table(summary: dict[str, dict[str, int]]) -> str:
@@ -25,7 +27,7 @@ def summary_table(summary: dict[str, dict[str, int]]) -> str:
 
 
 def main(argv):
-  del argv
+  cli.start(argv)
   builder = benchmarks.make_builder(_DATASET.value, _DATA_DIR.value, strict=_STRICT.value)
   if not builder.is_prepared():
     benchmarks.prepare(builder, _MANUAL_DIR.value)
@@ -34,5 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("dataset")
-  app.run(main)
+  cli.run(main)

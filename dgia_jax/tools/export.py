@@ -1,12 +1,10 @@
-"""Exports a trained run's image and caption embeddings of one split (layout: `gallery`).
+"""Exports a trained run's image and caption embeddings of one split (layout: `dgia_jax.gallery`).
 
-  python -m dgia_jax.export --workdir runs/default --split test --out emb/ \
+  python -m dgia_jax.tools.export --workdir runs/default --split test --out emb/ \
       [--step N | --best] [--shard_rows 65536] [--format safetensors]
 """
 
-import sys
-
-from absl import app, flags
+from absl import flags
 
 from dgia_jax import cli, gallery
 
@@ -22,11 +20,8 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def main(argv):
   cli.start(argv)
-  try:
-    m = gallery.export_split(_WORKDIR.value, _SPLIT.value, _OUT.value, _STEP.value, _SHARD_ROWS.value,
-                             _FORMAT.value, _BEST.value)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  m = gallery.export_split(_WORKDIR.value, _SPLIT.value, _OUT.value, _STEP.value, _SHARD_ROWS.value,
+                           _FORMAT.value, _BEST.value)
   shards = len(m["shards"]["images"]) + len(m["shards"]["texts"])
   print(f"exported {m['counts']['images']} images and {m['counts']['texts']} captions of split '{m['split']}' "
         f"(step {m['step']}{', best on validation' if m['best'] else ''}, dim {m['dim']}) to {_OUT.value}: "
@@ -34,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, user_errors=(FileNotFoundError, ValueError))

@@ -1,0 +1,89 @@
+"""One build chain: from a config, the model, optimizer, objective, train state and jitted step.
+
+The trainer and every benchmark build through `training`, so a benchmark measures the step the
+trainer runs. `with_init_tokenizer` and `initial_params` resolve `model.init_from`: a CLIP
+checkpoint, or an earlier dgia-jax run to fine-tune.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from dgia_jax import identity_graph, inference, optim, rundir, step as step_lib
+from dgia_jax.models import checkpoint_io, clip
+from dgia_jax.objective import Objective
+
+
+@dataclasses.dataclass
+class Training:
+  """What `training` builds. `step` is jitted: (state, batch, pair_pids) -> (state, metrics, counts)."""
+
+  model: clip.CLIP
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  objective: Objective
+  state: step_lib.TrainState
+  step: object
+
+
+def training(config: ml_collections.ConfigDict, tokenizer, steps_per_epoch: int, num_pairs: int, mesh: Mesh,
+             pretrained: bool = False) -> Training:
+  """The model, optimizer, objective, initial state and step for `config`.
+
+  `tokenizer` gives the vocabulary, end-of-text and mask ids; `num_pairs` sizes the memory banks
+  (padded to the mesh) and pseudo ids. With `pretrained`, parameters come from `model.init_from`
+  (`initial_params`), else from a fresh init with `config.seed`.
+  """
+  model = inference.build_model(config, tokenizer)
+  tx, schedule = optim.make_optimizer(config.train, steps_per_epoch)
+  objective = Objective.from_config(config, model, tokenizer.mask_id, steps_per_epoch, mesh)
+  rows = identity_graph.padded_size(num_pairs, mesh)
+  params = initial_params(config, model, tokenizer) if pretrained else None
+  state = step_lib.init_state(model, tx, config.seed, rows if config.loss.gsrc else 0, mesh, params,
+                              pseudo_rows=rows if config.relations.clusters.enabled else 0)
+  train_step = step_lib.make_train_step(objective, tx, schedule, step_lib.shardings(state, mesh))
+  return Training(model, tx, schedule, objective, state, train_step)
+
+
+def with_init_tokenizer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config`, with `data.tokenizer` set to the run's when `model.init_from` is a dgia-jax run.
+
+  A model fine-tuned from an earlier run must read token ids as that run did (the synthetic
+  set trains its tokenizer on its own captions); the saved config then names the tokenizer,
+  so `inference.load_trained` of the new run reads the right one.
+  """
+  if config.data.tokenizer or not rundir.RunDir(config.model.init_from).is_run():
+    return config
+  config = config.copy_and_resolve_references()
+  config.data.tokenizer = inference.run_tokenizer_path(config.model.init_from)
+  return config
+
+
+def initial_params(config: ml_collections.ConfigDict, model: clip.CLIP, tokenizer) -> dict:
+  """Parameters named by `model.init_from`: a dgia-jax run (its latest checkpoint) or a CLIP checkpoint.
+
+  Raises ValueError naming the run and the first parameter whose shape differs from `model`'s.
+  """
+  init_from = config.model.init_from
+  if not rundir.RunDir(init_from).is_run():
+    return checkpoint_io.load_clip(init_from, model.cfg, appended_tokens=tokenizer.num_appended,
+                                   cache_dir=config.model.init_cache_dir or None)
+  step, params = inference.restore_params(init_from)
+  images = jnp.zeros((1, *model.cfg.vision.image_size, 3), jnp.float32)
+  tokens = jnp.zeros((1, model.cfg.text.context_length), jnp.int32)
+  want = flax.traverse_util.flatten_dict(jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"],
+                                         sep="/")
+  got = flax.traverse_util.flatten_dict(params, sep="/")
+  for name in sorted(set(want) | set(got)):
+    have, need = (got[name].shape if name in got else "missing"), (want[name].shape if name in want else "absent")
+    if have != need:
+      raise ValueError(f"model.init_from={init_from} (step {step}) does not fit this model: parameter "
+                       f"{name} is {have} there, the config's model has {need}")
+  return params

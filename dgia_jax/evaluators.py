@@ -1,0 +1,84 @@
+"""The trainer's evaluation after epochs, built from config: one evaluator per split, looped over.
+
+The validation split picks the best epoch (`eval.select_metric`, text→image) and its parameters
+are kept in the run's `best/`; the test split is evaluated for the curves
+(`eval.test_each_epoch`) and for the final figures, never to select. Figures are computed by
+`inference.evaluate_split`; every evaluation is an `eval` record of the metric writer.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+from tqdm import tqdm
+
+from dgia_jax import checkpointing, inference, reporting, rundir
+from dgia_jax.data.pipeline import Split
+
+
+class SplitEvaluator:
+  """Text→image and image→text figures of one split, as `eval` records."""
+
+  def __init__(self, split: Split, encoders, mesh, batch_size: int, writer: reporting.MetricWriter):
+    self.split, self._encoders, self._mesh, self._batch_size, self._writer = split, encoders, mesh, batch_size, writer
+
+  def run(self, params, epoch: int, step: int) -> dict:
+    figures = inference.evaluate_split(self._encoders, params, self.split, self._mesh, self._batch_size)
+    record = {"kind": "eval", "step": step, "epoch": epoch, "split": self.split.name, **figures}
+    self._writer.write(record)
+    if jax.process_index() == 0:
+      tqdm.write(f"epoch {epoch} {self.split.name}: t2i {reporting.format_metrics(figures['t2i'])} | "
+                 f"i2t {reporting.format_metrics(figures['i2t'])}")
+    return record
+
+  def records(self) -> list[dict]:
+    return [r for r in self._writer.of_kind("eval") if r["split"] == self.split.name]
+
+
+class Evaluation:
+  """The validation evaluator (it selects) and the test evaluator, after an epoch and at the end."""
+
+  def __init__(self, config: ml_collections.ConfigDict, run: rundir.RunDir, encoders, splits: dict[str, Split],
+               mesh, writer: reporting.MetricWriter):
+    ecfg, dcfg = config.eval, config.data
+    make = lambda split: SplitEvaluator(split, encoders, mesh, ecfg.batch_size, writer)  # noqa: E731
+    self.val = make(splits[dcfg.val_split]) if dcfg.val_split in splits else None
+    self.test = make(splits[dcfg.eval_split])
+    self._config, self._run, self._writer = config, run, writer
+    self._best = checkpointing.Checkpointer(run.best, 1, 1, async_save=False)
+
+  def _score(self, record: dict) -> float:
+    return record["t2i"][self._config.eval.select_metric]
+
+  def after_epoch(self, epoch: int, step: int, params, last: bool) -> None:
+    """Validation (the best epoch's parameters saved), then test if due; the curves redrawn."""
+    for evaluator, due in ((self.val, True), (self.test, self._config.eval.test_each_epoch or last)):
+      if evaluator is None or not due:
+        continue
+      earlier = evaluator.records()
+      record = evaluator.run(params, epoch, step)
+      if evaluator is self.val and (not earlier or self._score(record) > max(map(self._score, earlier))):
+        self._best.save(step, {"params": params}, force=True)
+    if jax.process_index() == 0:
+      reporting.plot_curves(self._writer.records, self._run.curves, title=self._config.get("name", ""))
+
+  def results(self, params, total_steps: int, epochs: int) -> dict:
+    """`final` (last epoch, test) and `best_val` (best-on-val epoch, its val and test figures)."""
+    tests = {r["step"]: r for r in self.test.records()}
+    if total_steps not in tests:  # resumed after the last evaluation was lost
+      tests[total_steps] = self.test.run(params, epochs, total_steps)
+    out = {"final": {k: tests[total_steps][k] for k in ("epoch", "split", "t2i", "i2t")},
+           "evaluations": self._writer.of_kind("eval")}
+    vals = self.val.records() if self.val is not None else []
+    if vals:
+      best = max(vals, key=self._score)
+      if best["step"] not in tests:
+        _, raw = self._best.restore_raw(best["step"])
+        tests[best["step"]] = self.test.run(raw["params"], best["epoch"], best["step"])
+      out["best_val"] = {"epoch": best["epoch"], "select_metric": f"t2i {self._config.eval.select_metric}",
+                         "val": {k: best[k] for k in ("t2i", "i2t")},
+                         "test": {k: tests[best["step"]][k] for k in ("t2i", "i2t")}}
+    return out
+
+  def close(self) -> None:
+    self._best.close()

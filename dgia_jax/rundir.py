@@ -1,0 +1,78 @@
+"""A training run's directory: its layout is owned here and nowhere else.
+
+  <workdir>/
+    config.json      the config the run trained with (written when it starts)
+    checkpoints/     orbax checkpoints of the train state, the newest `checkpoint.keep`
+    best/            the best-on-validation parameters
+    metrics.jsonl    one JSON record per logging interval (`train`), evaluation (`eval`),
+                     clustering (`clusters`) and epoch's relations (`relations`)
+    curves.png       loss terms against step, retrieval figures against epoch
+    results.json     final and best-on-validation figures, every evaluation, the config
+    evaluations/     figures of `tools/evaluate`: <dataset>-<split>-step<N>[-best].json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import ml_collections
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+RESULTS_FILE = "results.json"
+EVALUATIONS_DIR = "evaluations"
+
+
+def _file(name: str) -> property:
+  return property(lambda self: os.path.join(self.path, name), doc=f"<workdir>/{name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+  """The files of the run in `path`."""
+
+  path: str
+
+  config_file = _file(CONFIG_FILE)
+  checkpoints = _file(CHECKPOINT_DIR)
+  best = _file(BEST_DIR)
+  metrics = _file(METRICS_FILE)
+  curves = _file(CURVES_FILE)
+  results = _file(RESULTS_FILE)
+
+  def is_run(self) -> bool:
+    """Whether this is a dgia-jax training workdir: its saved config and checkpoints (a Hugging
+    Face CLIP folder has a config.json too)."""
+    return bool(self.path) and os.path.isfile(self.config_file) and os.path.isdir(self.checkpoints)
+
+  def read_config(self) -> ml_collections.ConfigDict:
+    if not os.path.exists(self.config_file):
+      raise FileNotFoundError(f"{self.path} is not a training workdir: {CONFIG_FILE} is missing")
+    with open(self.config_file) as f:
+      return ml_collections.ConfigDict(json.load(f))
+
+  def write_config(self, config: ml_collections.ConfigDict) -> None:
+    os.makedirs(self.path, exist_ok=True)
+    with open(self.config_file, "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+  def read_results(self) -> dict:
+    with open(self.results) as f:
+      return json.load(f)
+
+  def records(self, kind: str | None = None) -> list[dict]:
+    """The records of metrics.jsonl (of `kind` only, if given), in order."""
+    if not os.path.exists(self.metrics):
+      return []
+    with open(self.metrics) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if kind in (None, r["kind"])]
+
+  def evaluation_file(self, dataset: str, split: str, step: int, best: bool) -> str:
+    name = f"{dataset}-{split}-step{step}{'-best' if best else ''}.json"
+    return os.path.join(self.path, EVALUATIONS_DIR, name)
