@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.data_dir = "data/tfds"
   c.data.prepare = True  # build the data set if it is missing
   c.data.image_size = (96, 32)  # height, width
+  c.data.resize = "bicubic"  # or "bilinear" (torchvision's default, the reference code's)
   c.data.context_length = 48
   c.data.tokenizer = ""  # "" = the tokenizer saved beside the data
   c.data.train_split = "train"
@@ -36,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Losses (METHOD.md): L = L_itc + L_rc_b (lrc) + L_rc_h (iasc) + L_rc_g (gsrc), each switchable.
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.02
+  # ε of the relation SDM's log(q + ε): the floor on unrelated columns, so how hard negatives are
+  # pushed (IRRA's 1e-8; the reference code's 1e-6).
+  c.loss.relation_eps = 1e-8
   c.loss.itc = True
   c.loss.lrc = True
   c.loss.iasc = True
@@ -46,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.relations.image_threshold = 0.8
   c.relations.text_threshold = 0.8
   c.relations.weight = 0.1  # lambda: target logit of a related pair (own partner: 1)
+  # Related when a cosine is ">=" the threshold, or ">" (the reference code's); for the global
+  # candidates too.
+  c.relations.compare = ">="
   c.relations.oracle = False  # measurement only: true person ids as the relations
   # Agreement relations need a spread-out feature space: pretrained CLIP has one from the
   # start (paper: epoch 1, thresholds 0.7). A model trained from scratch does not: measured on
@@ -68,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.iasc.mask_prob = 0.5
   c.iasc.pad = 3  # pixels; 10 at 384x128, scaled to the 96x32 synthetic images
   c.iasc.erase_prob = 0.5
+  # What an erased box holds in normalised units: "zero" (the mean colour) or "mean" (the
+  # normalisation mean's values, light grey, as the reference code passes torchvision's value).
+  c.iasc.erase_fill = "zero"
+  c.iasc.mask_at_least_one = False  # True: a caption left unmasked gets its first token masked (the code)
   # Where the perturbed pairs' in-batch relations come from: "perturbed" (METHOD.md's literal
   # reading: agreement of the masked captions and erased images) or "clean" (the un-perturbed
   # pairs' relations; partner i is pair i, so it shares pair i's identity). Measured on this
@@ -80,6 +91,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.gsrc.threshold = 0.7
   c.gsrc.alpha = 0.9  # EMA weight of the new feature
   c.gsrc.start_epoch = 3  # earlier epochs only fill the banks (paper: 2)
+  # Candidates: the top k excluding the pair's own row ("exclude_self"), or ranks 2 .. k + 1
+  # whatever rank 1 is ("skip_top1", the reference code's).
+  c.gsrc.candidates = "exclude_self"
+  # The loss: B rows over [batch | candidates] columns ("batch", the paper's Eq. 17), or B + M
+  # rows, the selected bank rows being queries too ("batch+bank", the reference code's).
+  c.gsrc.rows = "batch"
+  # The banks keep L2-normalised features, renormalised after each update ("normalised"), or
+  # the raw features' running mean, normalised when read ("raw", the reference code's).
+  c.gsrc.bank_features = "normalised"
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64
@@ -88,11 +108,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.min_lr = 0.0
   c.train.warmup_epochs = 1.0
   c.train.warmup_factor = 0.1
+  c.train.schedule_per = "step"  # or "epoch": the rate held through each epoch (the reference code's)
   c.train.weight_decay = 4e-5
   c.train.bias_lr_factor = 2.0
   c.train.b1 = 0.9
   c.train.b2 = 0.999
-  c.train.eps = 1e-8
+  c.train.eps = 1e-8  # Adam's ε; the reference code's 1e-3 (docs/REPRODUCING.md)
   c.train.grad_clip = 0.0
   c.train.on_nonfinite = "skip"  # a step with non-finite loss/gradients: "skip" it (counted) or "stop"
   c.train.log_every = 10

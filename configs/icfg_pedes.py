@@ -1,7 +1,9 @@
 """CUHK-PEDES's settings (configs/cuhk_pedes.py) on ICFG-PEDES (`ICFG-PEDES.json` + `imgs/`).
 
 ICFG-PEDES has no val split: the best epoch is picked on 200 identities held out of train
-(`data.holdout_val_ids`; 3,102 train identities remain 2,902), never on test.
+(`data.holdout_val_ids`; 3,102 train identities remain 2,902), never on test. (The authors' code
+trains on all 3,102 and picks its epoch on test; `--config.data.holdout_val_ids=0
+--config.data.val_split=` trains on all of them and reports the last epoch.)
 
   python -m dgia_jax.main --config configs/icfg_pedes.py --workdir runs/icfg_pedes \\
       --config.data.manual_dir=/path/to/ICFG-PEDES \\

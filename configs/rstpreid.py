@@ -1,4 +1,5 @@
-"""CUHK-PEDES's settings (configs/cuhk_pedes.py) on RSTPReid (`data_captions.json` + `imgs/`).
+"""CUHK-PEDES's settings (configs/cuhk_pedes.py) on RSTPReid (`data_captions.json` + `imgs/`), for 16
+epochs as the authors' code trains it (`train_rstp.sh`).
 
   python -m dgia_jax.main --config configs/rstpreid.py --workdir runs/rstpreid \\
       --config.data.manual_dir=/path/to/RSTPReid \\
@@ -14,4 +15,5 @@ from dgia_jax import cli
 def get_config():
   c = cli.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuhk_pedes.py"))
   c.name = c.data.name = "rstpreid"
+  c.train.epochs = 16
   return c

@@ -63,19 +63,21 @@ class Evaluation:
       reporting.plot_curves(self._writer.records, self._run.curves, title=self._config.get("name", ""))
 
   def results(self, params, total_steps: int, epochs: int) -> dict:
-    """`final` (last epoch, test) and `best_val` (best-on-val epoch, its val and test figures)."""
+    """`final` (last epoch, test) and `best_val` (best-on-val epoch, its val and test figures), each
+    saying by `selection` which epoch it reports; never an epoch picked on the test split."""
     tests = {r["step"]: r for r in self.test.records()}
     if total_steps not in tests:  # resumed after the last evaluation was lost
       tests[total_steps] = self.test.run(params, epochs, total_steps)
-    out = {"final": {k: tests[total_steps][k] for k in ("epoch", "split", "t2i", "i2t")},
-           "evaluations": self._writer.of_kind("eval")}
+    final = {k: tests[total_steps][k] for k in ("epoch", "split", "t2i", "i2t")}
+    out = {"final": {"selection": "last epoch", **final}, "evaluations": self._writer.of_kind("eval")}
     vals = self.val.records() if self.val is not None else []
     if vals:
       best = max(vals, key=self._score)
       if best["step"] not in tests:
         _, raw = self._best.restore_raw(best["step"])
         tests[best["step"]] = self.test.run(raw["params"], best["epoch"], best["step"])
-      out["best_val"] = {"epoch": best["epoch"], "select_metric": f"t2i {self._config.eval.select_metric}",
+      out["best_val"] = {"selection": f"best {self.val.split.name} epoch by t2i {self._config.eval.select_metric}",
+                         "epoch": best["epoch"], "select_metric": f"t2i {self._config.eval.select_metric}",
                          "val": {k: best[k] for k in ("t2i", "i2t")},
                          "test": {k: tests[best["step"]][k] for k in ("t2i", "i2t")}}
     return out

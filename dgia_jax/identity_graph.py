@@ -1,11 +1,15 @@
 """Global granularity (GSRC-FR): memory banks, image-anchored relation search, edge reweighting.
 
-Two banks hold one L2-normalised feature per training pair (image `B_v`, text `B_t`), both
-sharded over the mesh's `data` axis along N. Per batch, each image anchors a search of the
-image bank: the top-k rows (its own row excluded, unfilled rows excluded) with cosine ≥ th
-become related to it. Identity is propagated both ways (the anchor's caption ↔ the selected
-images, the selected images' captions ↔ the anchor image), with target weights from the
-confidence-based adjustment `reweight_edges`.
+Two banks hold one feature per training pair (image `B_v`, text `B_t`), both sharded over the
+mesh's `data` axis along N: L2-normalised, or (`normalise=False`) the raw features' running
+mean as the reference code keeps them, normalised whenever they are read. Per batch, each image
+anchors a search of the image bank: its k candidates are the top k rows with its own row
+excluded, or (`skip_top1`, the code's rule) ranks 2 to k + 1 whatever rank 1 is; unfilled rows
+never count, and a candidate with cosine over the threshold becomes related to the anchor.
+The global loss then matches identity both ways with target weights from the
+confidence-based adjustment `reweight_edges`: over B rows with the candidates as extra
+columns (`global_targets`, `gsrc_loss`; the paper's Eq. 17), or over B + M rows, the selected
+bank rows being queries too (`bank_row_targets`, `gsrc_bank_rows_loss`; the code's).
 
 The search is a per-shard top-k merged across shards, the neighbour lookup a masked local
 gather summed across shards, and the EMA update a local scatter: no step ever gathers a
@@ -52,11 +56,11 @@ def _shard_offset(rows_per_shard: int) -> jax.Array:
 
 
 def update_bank(bank: MemoryBank, index: jax.Array, img: jax.Array, txt: jax.Array, alpha: float,
-                mesh: Mesh) -> MemoryBank:
+                mesh: Mesh, normalise: bool = True) -> MemoryBank:
   """Writes batch features img, txt [B, D] into rows `index` [B] (distinct pair indices).
 
-  A row seen before becomes `normalise(alpha·f + (1 − alpha)·b)`; a row seen for the first
-  time is written as is (so the first epoch only fills).
+  A row seen before becomes `normalise(alpha·f + (1 − alpha)·b)` (without the normalisation if
+  not `normalise`); a row seen for the first time is written as is (so the first epoch only fills).
   """
   img, txt = jax.lax.stop_gradient(img), jax.lax.stop_gradient(txt)
 
@@ -70,7 +74,8 @@ def update_bank(bank: MemoryBank, index: jax.Array, img: jax.Array, txt: jax.Arr
       old = bank_rows[jnp.minimum(rows, n - 1)]
       seen = filled[jnp.minimum(rows, n - 1)][:, None]
       mixed = jnp.where(seen, alpha * new + (1.0 - alpha) * old, new)
-      mixed = mixed / jnp.maximum(jnp.linalg.norm(mixed, axis=-1, keepdims=True), 1e-12)
+      if normalise:
+        mixed = mixed / jnp.maximum(jnp.linalg.norm(mixed, axis=-1, keepdims=True), 1e-12)
       return bank_rows.at[rows].set(mixed, mode="drop")
 
     return ema(image, img), ema(text, txt), filled.at[rows].set(True, mode="drop")
@@ -81,34 +86,44 @@ def update_bank(bank: MemoryBank, index: jax.Array, img: jax.Array, txt: jax.Arr
   return MemoryBank(image=image, text=text, filled=filled)
 
 
+def unit_rows(x: jax.Array) -> jax.Array:
+  """Rows [..., D] scaled to unit L2 norm (zero rows stay zero)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def search_neighbours(bank: MemoryBank, anchors: jax.Array, index: jax.Array, k: int, threshold: float,
-                      mesh: Mesh) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Top-k image-bank neighbours of each anchor image, excluding its own row and unfilled rows.
+                      mesh: Mesh, *, skip_top1: bool = False, strict: bool = False,
+                      normalise_rows: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The k image-bank candidates of each anchor image, among filled rows.
 
   Args:
     anchors: [B, D] batch image features (stop-gradient).
-    index: [B] the anchors' own bank rows.
+    index: [B] the anchors' own bank rows: excluded, unless `skip_top1`, where instead the
+      most similar row (whatever it is) is dropped and ranks 2 .. k + 1 are the candidates.
+    strict: related when the cosine is > `threshold` (else ≥).
+    normalise_rows: the bank holds raw features; cosines use its rows normalised.
   Returns:
-    sims float32 [B, k] (descending), rows int32 [B, k], valid bool [B, k] (= sim ≥ threshold
-    on a filled row). Ties go to the lower row, as in a single-device top-k.
+    sims float32 [B, k] (descending), rows int32 [B, k], valid bool [B, k] (a filled row over the
+    threshold). Ties go to the lower row, as in a single-device top-k.
   """
   anchors = jax.lax.stop_gradient(anchors)
+  top = k + 1 if skip_top1 else k
 
   def local(image, filled, anchors, index):
     n = filled.shape[0]
     rows = _shard_offset(n) + jnp.arange(n)
-    sims = anchors @ image.T
-    sims = jnp.where(filled[None, :] & (rows[None, :] != index[:, None]), sims, -jnp.inf)
-    vals, idx = jax.lax.top_k(sims, min(k, n))
-    vals = jax.lax.all_gather(vals, DATA_AXIS, axis=1, tiled=True)  # [B, k·shards], shard order
+    sims = anchors @ (unit_rows(image) if normalise_rows else image).T
+    keep = filled[None, :] if skip_top1 else filled[None, :] & (rows[None, :] != index[:, None])
+    vals, idx = jax.lax.top_k(jnp.where(keep, sims, -jnp.inf), min(top, n))
+    vals = jax.lax.all_gather(vals, DATA_AXIS, axis=1, tiled=True)  # [B, top·shards], shard order
     idx = jax.lax.all_gather(rows[idx], DATA_AXIS, axis=1, tiled=True)
-    vals, pick = jax.lax.top_k(vals, k)
-    return vals, jnp.take_along_axis(idx, pick, axis=1)
+    vals, pick = jax.lax.top_k(vals, top)
+    return vals[:, top - k:], jnp.take_along_axis(idx, pick, axis=1)[:, top - k:]
 
   data, rep = P(DATA_AXIS), P()
   sims, rows = jax.shard_map(local, mesh=mesh, in_specs=(data, data, rep, rep), out_specs=(rep, rep),
                              check_vma=False)(bank.image, bank.filled, anchors, index)
-  return sims, rows, sims >= threshold
+  return sims, rows, losses.exceeds(sims, threshold, strict)
 
 
 def gather_rows(bank: MemoryBank, rows: jax.Array, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
@@ -156,7 +171,7 @@ def global_targets(local_target: jax.Array, edge_logits: jax.Array) -> tuple[jax
 
 
 def gsrc_loss(img: jax.Array, txt: jax.Array, neighbour_img: jax.Array, neighbour_txt: jax.Array,
-              target_logits: jax.Array, valid: jax.Array, temperature: float) -> jax.Array:
+              target_logits: jax.Array, valid: jax.Array, temperature: float, eps: float = 1e-8) -> jax.Array:
   """L_rc_g on S' = [T Vᵀ | T B_v[J]ᵀ] / tau and its mirror [V Tᵀ | V B_t[J]ᵀ] / tau.
 
   img, txt [B, D]; neighbour_img, neighbour_txt [B, k, D] (bank rows, constants);
@@ -166,4 +181,42 @@ def gsrc_loss(img: jax.Array, txt: jax.Array, neighbour_img: jax.Array, neighbou
   bank_img, bank_txt = neighbour_img.reshape(-1, d), neighbour_txt.reshape(-1, d)
   t2v = jnp.concatenate([txt @ img.T, txt @ bank_img.T], axis=1) / temperature
   v2t = jnp.concatenate([img @ txt.T, img @ bank_txt.T], axis=1) / temperature
-  return losses.relation_sdm(t2v, target_logits, mirror_logits=v2t, valid=valid)
+  return losses.relation_sdm(t2v, target_logits, mirror_logits=v2t, valid=valid, eps=eps)
+
+
+def bank_row_targets(edge_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Target logits [R, R] and row/column existence [R] over R = B + B·k rows: the batch, then
+  each anchor's k candidates (anchor i's at B + i·k … B + i·k + k − 1).
+
+  Each row belongs to its anchor's group; rows of one group are related (1), others not
+  (-inf) — except in an anchor's own row, where its candidates take their confidence weights
+  `edge_logits` [B, k] (`reweight_edges`) and the anchor's own column stays 1. An invalid
+  candidate (its edge -inf) exists as neither row nor column.
+  """
+  b, k = edge_logits.shape
+  group = jnp.concatenate([jnp.arange(b), jnp.repeat(jnp.arange(b), k)])
+  edges = jnp.concatenate([jnp.ones((b,)), edge_logits.reshape(-1)])  # by column
+  exists = jnp.isfinite(edges)
+  anchor_row = (jnp.arange(b + b * k) < b)[:, None]
+  same = group[:, None] == group[None, :]
+  target = jnp.where(same, jnp.where(anchor_row, edges[None, :], 1.0), losses.NOT_RELATED)
+  return target, exists
+
+
+def gsrc_bank_rows_loss(img: jax.Array, txt: jax.Array, neighbour_img: jax.Array, neighbour_txt: jax.Array,
+                        edge_logits: jax.Array, temperature: float, eps: float = 1e-8) -> jax.Array:
+  """L_rc_g as the reference code computes it: relation SDM over the B + M rows V' = [V ; B_v[J]],
+  T' = [T ; B_t[J]], S' = T' V'ᵀ / tau and its mirror V' T'ᵀ / tau, both against the targets of
+  `bank_row_targets` row for row, averaged over the B + M rows that exist.
+
+  img, txt [B, D]; neighbour_img, neighbour_txt [B, k, D] (bank rows, constants, normalised);
+  edge_logits [B, k]. The selected candidates are padded to B·k rows and masked, so shapes do
+  not depend on how many were selected.
+  """
+  d = img.shape[-1]
+  images = jnp.concatenate([img, neighbour_img.reshape(-1, d)])
+  texts = jnp.concatenate([txt, neighbour_txt.reshape(-1, d)])
+  target, exists = bank_row_targets(edge_logits)
+  cols = jnp.broadcast_to(exists[None, :], target.shape)
+  return losses.relation_sdm(texts @ images.T / temperature, target, mirror_logits=images @ texts.T / temperature,
+                             valid=cols, eps=eps, row_valid=exists)

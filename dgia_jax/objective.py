@@ -30,15 +30,16 @@ def in_batch_relations(img: jax.Array, txt: jax.Array, index: jax.Array, relatio
   """bool [B, B]: the pairs of a batch that the in-batch targets relate.
 
   Sources, from `relations`: the true ids of the pairs (`oracle`, measurement only); otherwise
-  the agreement of both modalities (`losses.agreement_relations`; only the diagonal until `on`),
-  with cluster pseudo ids `pseudo_ids` [N_pad] (-1: none) OR-ed in or replacing it
-  (`clusters.mode`).
+  the agreement of both modalities (`losses.agreement_relations`, cosines `compare`d to the
+  thresholds; only the diagonal until `on`), with cluster pseudo ids `pseudo_ids` [N_pad]
+  (-1: none) OR-ed in or replacing it (`clusters.mode`).
   """
   if relations.oracle:
     pids = pair_pids[index]
     return pids[:, None] == pids[None, :]
   eye = jnp.eye(img.shape[0], dtype=bool)
-  related = losses.agreement_relations(img, txt, relations.image_threshold, relations.text_threshold) & (on | eye)
+  related = losses.agreement_relations(img, txt, relations.image_threshold, relations.text_threshold,
+                                       strict=relations.compare == ">") & (on | eye)
   if pseudo_ids is None:
     return related
   cluster = pseudo_ids[index]
@@ -73,7 +74,7 @@ def _itc(o: "Objective", b: _Batch):
 def _lrc(o: "Objective", b: _Batch):
   """L_rc_b: relation SDM of the batch against its in-batch relations."""
   target = losses.relation_targets(b.relations, o.config.relations.weight)
-  return losses.lrc_loss(b.img, b.txt, target, o.temperature), {"lrc_related": b.relations}
+  return losses.lrc_loss(b.img, b.txt, target, o.temperature, o.relation_eps), {"lrc_related": b.relations}
 
 
 def _iasc(o: "Objective", b: _Batch):
@@ -82,32 +83,46 @@ def _iasc(o: "Objective", b: _Batch):
   p_img, p_txt = b.emb["p_img"], b.emb["p_txt"]
   related = b.relations if o.config.iasc.relations == "clean" else b.relations_of(p_img, p_txt)
   target = losses.relation_targets(related, o.config.relations.weight)
-  return losses.lrc_loss(p_img, p_txt, target, o.temperature), {"iasc_related": related}
+  return losses.lrc_loss(p_img, p_txt, target, o.temperature, o.relation_eps), {"iasc_related": related}
 
 
 def _gsrc(o: "Objective", b: _Batch):
-  """L_rc_g: relation SDM over the batch and its image-anchored bank neighbours; 0 before
-  `gsrc.start_epoch` (the banks only fill)."""
-  gc, on = o.config.gsrc, b.active["gsrc"]
-  sims, rows, valid = identity_graph.search_neighbours(b.bank, b.img, b.index, gc.k, gc.threshold, o.mesh)
+  """L_rc_g: relation SDM over the batch and its image-anchored bank candidates (`gsrc.rows`: as
+  extra columns of the B rows, or as B + M rows); 0 before `gsrc.start_epoch` (the banks only fill)."""
+  gc, on, raw = o.config.gsrc, b.active["gsrc"], o.config.gsrc.bank_features == "raw"
+  sims, rows, valid = identity_graph.search_neighbours(
+      b.bank, b.img, b.index, gc.k, gc.threshold, o.mesh, skip_top1=gc.candidates == "skip_top1",
+      strict=o.config.relations.compare == ">", normalise_rows=raw)
   valid = valid & on
   nb_img, nb_txt = identity_graph.gather_rows(b.bank, rows, o.mesh)
+  if raw:
+    nb_img, nb_txt = identity_graph.unit_rows(nb_img), identity_graph.unit_rows(nb_txt)
   edges = identity_graph.reweight_edges(sims, valid)
-  own_only = losses.relation_targets(jnp.zeros((b.img.shape[0],) * 2, bool), o.config.relations.weight)
-  target, cols = identity_graph.global_targets(own_only, edges)
-  loss = identity_graph.gsrc_loss(b.img, b.txt, nb_img, nb_txt, target, cols, o.temperature)
+  if gc.rows == "batch+bank":
+    loss = identity_graph.gsrc_bank_rows_loss(b.img, b.txt, nb_img, nb_txt, edges, o.temperature, o.relation_eps)
+  else:
+    own_only = losses.relation_targets(jnp.zeros((b.img.shape[0],) * 2, bool), o.config.relations.weight)
+    target, cols = identity_graph.global_targets(own_only, edges)
+    loss = identity_graph.gsrc_loss(b.img, b.txt, nb_img, nb_txt, target, cols, o.temperature, o.relation_eps)
   return jnp.where(on, loss, 0.0), {"gsrc_rows": rows, "gsrc_valid": valid, "gsrc_edges": edges}
 
 
 _TERM_FNS = {"itc": _itc, "lrc": _lrc, "iasc": _iasc, "gsrc": _gsrc}
 
 
+# Options with a fixed set of values: (section, key) -> the values.
+CHOICES = {("relations", "compare"): (">=", ">"), ("iasc", "relations"): ("clean", "perturbed"),
+           ("iasc", "erase_fill"): perturb.ERASE_FILLS, ("gsrc", "rows"): ("batch", "batch+bank"),
+           ("gsrc", "candidates"): ("exclude_self", "skip_top1"), ("gsrc", "bank_features"): ("normalised", "raw")}
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Refuses, naming the key, an objective option with no meaning."""
   if not any(config.loss[name] for name in TERMS):
     raise ValueError(f"no loss is enabled in config.loss (set one of {', '.join(f'loss.{t}' for t in TERMS)})")
-  if config.iasc.relations not in ("clean", "perturbed"):
-    raise ValueError(f"iasc.relations must be 'clean' or 'perturbed', got {config.iasc.relations!r}")
+  for (section, key), values in CHOICES.items():
+    if config[section][key] not in values:
+      raise ValueError(f"{section}.{key} must be one of {', '.join(map(repr, values))}, got {config[section][key]!r}")
   clusters = config.relations.clusters
   if clusters.enabled and clusters.mode not in ("or", "replace"):
     raise ValueError(f"relations.clusters.mode must be 'or' or 'replace', got {clusters.mode!r}")
@@ -147,19 +162,30 @@ class Objective:
   def temperature(self) -> float:
     return self.config.loss.temperature
 
+  @property
+  def relation_eps(self) -> float:
+    return self.config.loss.relation_eps
+
   def embed(self, params, batch: dict[str, jax.Array], step: jax.Array) -> dict[str, jax.Array]:
     """Embeddings float32 [B, D] of the batch: `img`, `txt` and, with IASC-CL on, the partners
     `p_img` (flipped, padded and cropped, erased) and `p_txt` (masked), drawn from (seed, step,
     pair index), so a pair's partner is the same wherever it lands."""
     apply = functools.partial(self.model.apply, {"params": params})
-    img, txt = apply(clip.normalize_images(batch["image"]), batch["tokens"])
-    emb = {"img": img, "txt": txt}
+    images = clip.normalize_images(batch["image"])
+    if self.config.gsrc.bank_features == "raw":  # the banks keep raw features (`update_bank`)
+      raw_img, raw_txt = apply(images, batch["tokens"], method=clip.CLIP.raw_features)
+      emb = {"img": clip.l2_normalize(raw_img), "txt": clip.l2_normalize(raw_txt), "raw_img": raw_img,
+             "raw_txt": raw_txt}
+    else:
+      img, txt = apply(images, batch["tokens"])
+      emb = {"img": img, "txt": txt}
     if "iasc" in self.terms:
       ic = self.config.iasc
       key_img, key_txt = jax.random.split(jax.random.fold_in(jax.random.key(self.config.seed), step))
-      images = perturb.perturb_images(key_img, batch["image"], batch["index"], pad=ic.pad, erase_prob=ic.erase_prob)
+      images = perturb.perturb_images(key_img, batch["image"], batch["index"], pad=ic.pad, erase_prob=ic.erase_prob,
+                                      erase_fill=ic.erase_fill)
       tokens = perturb.mask_tokens(key_txt, batch["tokens"], batch["index"], eot_id=self.model.cfg.text.eot_token_id,
-                                   mask_id=self.mask_id, prob=ic.mask_prob)
+                                   mask_id=self.mask_id, prob=ic.mask_prob, at_least_one=ic.mask_at_least_one)
       emb["p_img"] = apply(images, method=clip.CLIP.encode_image)
       emb["p_txt"] = apply(tokens, method=clip.CLIP.encode_text)
     return emb
@@ -170,7 +196,7 @@ class Objective:
     `pseudo_ids` [N_pad] by cluster relations, `pair_pids` [N_pad] by the oracle. `aux` holds `img`,
     `txt` and each term's relations (`relation_counts` reads them)."""
     b = _Batch(self, emb, batch, step, bank, pseudo_ids, pair_pids)
-    terms, aux = {}, {"img": b.img, "txt": b.txt}
+    terms, aux = {}, {k: emb[k] for k in ("img", "txt", "raw_img", "raw_txt") if k in emb}
     for name in self.terms:
       terms[name], extra = _TERM_FNS[name](self, b)
       aux.update(extra)
@@ -182,7 +208,12 @@ class Objective:
     return self.loss(self.embed(params, batch, step), batch, step, bank, pseudo_ids, pair_pids)
 
   def update_bank(self, bank: identity_graph.MemoryBank, batch: dict[str, jax.Array], aux: dict):
-    """The banks with the batch's features written into its pairs' rows (EMA, `gsrc.alpha`)."""
+    """The banks with the batch's features written into its pairs' rows (EMA, `gsrc.alpha`): the
+    normalised features, renormalised after mixing; or (`gsrc.bank_features` "raw", the code's)
+    the raw features, mixed raw."""
+    if self.config.gsrc.bank_features == "raw":
+      return identity_graph.update_bank(bank, batch["index"], aux["raw_img"], aux["raw_txt"], self.config.gsrc.alpha,
+                                        self.mesh, normalise=False)
     return identity_graph.update_bank(bank, batch["index"], aux["img"], aux["txt"], self.config.gsrc.alpha, self.mesh)
 
 

@@ -10,14 +10,25 @@ import ml_collections
 import optax
 
 
+SCHEDULE_UNITS = ("step", "epoch")
+
+
 def lr_schedule(tcfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """Linear warm-up from lr·warmup_factor over `warmup_epochs`, then cosine to `min_lr`."""
+  """Linear warm-up from lr·warmup_factor over `warmup_epochs`, then cosine to `min_lr`.
+
+  `schedule_per` "step" moves the rate every step; "epoch" (the reference code's scheduler,
+  stepped once an epoch) holds each epoch at the rate of its first step.
+  """
+  if tcfg.schedule_per not in SCHEDULE_UNITS:
+    raise ValueError(f"train.schedule_per must be one of {SCHEDULE_UNITS}, got {tcfg.schedule_per!r}")
   warm = int(round(tcfg.warmup_epochs * steps_per_epoch))
   total = tcfg.epochs * steps_per_epoch
   cosine = optax.cosine_decay_schedule(tcfg.lr, max(1, total - warm), alpha=tcfg.min_lr / tcfg.lr)
-  if warm == 0:
-    return cosine
-  return optax.join_schedules([optax.linear_schedule(tcfg.lr * tcfg.warmup_factor, tcfg.lr, warm), cosine], [warm])
+  per_step = cosine if warm == 0 else optax.join_schedules(
+      [optax.linear_schedule(tcfg.lr * tcfg.warmup_factor, tcfg.lr, warm), cosine], [warm])
+  if tcfg.schedule_per == "epoch":
+    return lambda step: per_step(step // steps_per_epoch * steps_per_epoch)
+  return per_step
 
 
 def param_groups(params) -> Any:

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dgia_jax import losses, perturb
+from dgia_jax.models import clip
 
 EPS = 1e-8
 
@@ -119,9 +120,38 @@ def test_perturbations_are_deterministic_per_pair_whatever_the_batch_position():
 
 def test_random_erasing_fills_a_box_with_the_mean_colour():
   img = jnp.ones((40, 20, 3))
-  erased = [perturb._random_erase(jax.random.key(i), img, 1.0, (0.02, 0.4), (np.log(0.3), np.log(3.3)))
-            for i in range(20)]
+  args = (1.0, (0.02, 0.4), (np.log(0.3), np.log(3.3)))
+  erased = [perturb._random_erase(jax.random.key(i), img, *args, jnp.zeros(3)) for i in range(20)]
   fractions = [float(np.mean(np.asarray(e) == 0.0)) for e in erased]
   assert all(0.0 < f <= 0.45 for f in fractions)
-  never = perturb._random_erase(jax.random.key(0), img, 0.0, (0.02, 0.4), (np.log(0.3), np.log(3.3)))
+  never = perturb._random_erase(jax.random.key(0), img, 0.0, *args[1:], jnp.zeros(3))
   np.testing.assert_array_equal(never, img)
+
+
+def test_erase_fill_mean_writes_the_normalisation_means_into_the_box():
+  """The reference code's RandomErasing(value=mean) after Normalize: the box holds 0.481, 0.458, 0.408."""
+  images = jnp.full((6, 24, 12, 3), 255, jnp.uint8)  # white: 1.93 .. 2.15 after normalising, never the fill
+  zero, mean = (np.asarray(perturb.perturb_images(jax.random.key(3), images, jnp.arange(6), pad=0, erase_prob=1.0,
+                                                  erase_fill=fill)) for fill in ("zero", "mean"))
+  boxes = np.all(zero == 0.0, axis=-1)
+  assert boxes.any(axis=(1, 2)).all()  # every image erased, the same boxes in both
+  np.testing.assert_allclose(mean[boxes], np.broadcast_to(clip.CLIP_MEAN, mean[boxes].shape))
+  np.testing.assert_array_equal(mean[~boxes], zero[~boxes])
+
+
+def test_masking_at_least_one_token_masks_the_first_when_none_was_drawn():
+  tokens = jnp.asarray([[1, 7, 8, 9, 2, 0], [1, 7, 2, 0, 0, 0]], jnp.int32)
+  kwargs = dict(eot_id=2, mask_id=3, prob=0.0)
+  np.testing.assert_array_equal(perturb.mask_tokens(jax.random.key(0), tokens, jnp.arange(2), **kwargs), tokens)
+  out = perturb.mask_tokens(jax.random.key(0), tokens, jnp.arange(2), at_least_one=True, **kwargs)
+  np.testing.assert_array_equal(out, [[1, 3, 8, 9, 2, 0], [1, 3, 2, 0, 0, 0]])
+  drawn = perturb.mask_tokens(jax.random.key(0), tokens, jnp.arange(2), eot_id=2, mask_id=3, prob=1.0,
+                              at_least_one=True)
+  np.testing.assert_array_equal(drawn, [[1, 3, 3, 3, 2, 0], [1, 3, 2, 0, 0, 0]])  # nothing added when drawn
+
+
+def test_agreement_threshold_is_inclusive_or_strict():
+  img = jnp.array([[1.0, 0.0], [0.75, 0.5]])  # dot 0.75 exactly
+  txt = jnp.array([[1.0, 0.0], [1.0, 0.0]])
+  assert bool(losses.agreement_relations(img, txt, 0.75, 0.75)[0, 1])
+  assert not bool(losses.agreement_relations(img, txt, 0.75, 0.75, strict=True)[0, 1])

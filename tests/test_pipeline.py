@@ -29,6 +29,23 @@ def _batch_pairs(order: pipeline.EpochOrder, step: int) -> np.ndarray:
   return np.array([order.pair(step, row) for row in range(order.global_batch)])
 
 
+def test_resize_filter_is_a_switch(tiny_config):
+  """`data.resize`: bilinear (torchvision's default, the reference code's) or bicubic, both from PIL."""
+  builder = datasets.get_builder(tiny_config.data)
+  tokenizer = datasets.get_tokenizer(tiny_config.data, builder)
+  imgs = {r: pipeline.open_split(builder, "test", tokenizer, (20, 10), r).load_image(0) for r in ("bicubic", "bilinear")}
+  raw = builder.as_data_source(split="test", decoders={"image": tfds.decode.SkipDecoding()})[0]["image"]
+  source = Image.open(io.BytesIO(raw)).convert("RGB")
+  assert source.size == (16, 32)  # stored at 32x16, read at 20x10
+  np.testing.assert_array_equal(imgs["bilinear"], np.asarray(source.resize((10, 20), Image.Resampling.BILINEAR)))
+  np.testing.assert_array_equal(imgs["bicubic"], np.asarray(source.resize((10, 20), Image.Resampling.BICUBIC)))
+  assert not np.array_equal(imgs["bilinear"], imgs["bicubic"])
+  with pytest.raises(ValueError, match="data.resize must be one of"):
+    pipeline.open_split(builder, "test", tokenizer, (20, 10), "nearest")
+  tiny_config.data.resize = "bilinear"
+  assert datasets.load(tiny_config.data, ("test",))[1]["test"].resize == "bilinear"
+
+
 def test_epoch_order_is_a_deterministic_permutation_per_epoch():
   order = pipeline.EpochOrder(num_pairs=50, global_batch=8, seed=3)
   assert order.steps_per_epoch == 6

@@ -110,7 +110,8 @@ def load(data_cfg, splits: tuple[str, ...]) -> tuple[Tokenizer, dict[str, Split]
   tokenizer = get_tokenizer(data_cfg, builder)
   holdout = data_cfg.holdout_val_ids and data_cfg.val_split in splits
   wanted = dict.fromkeys((*splits, data_cfg.train_split) if holdout else splits)
-  opened = {s: open_split(builder, s, tokenizer, tuple(data_cfg.image_size))
+  resize = data_cfg.get("resize", "bicubic")  # runs saved before the option resized bicubic
+  opened = {s: open_split(builder, s, tokenizer, tuple(data_cfg.image_size), resize)
             for s in wanted if not (holdout and s == data_cfg.val_split)}
   if holdout:
     opened[data_cfg.train_split], opened[data_cfg.val_split] = hold_out_identities(

@@ -29,6 +29,7 @@ from PIL import Image
 from dgia_jax.data.tokenizer import Tokenizer
 
 _READ_CHUNK = 512
+RESIZE_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 @dataclasses.dataclass
@@ -41,6 +42,8 @@ class Split:
     source_records: int64 [R], the source record of each of this split's R images (a split
       may be a subset of its source, e.g. identities held out for validation).
     image_size: (H, W) images are resized to.
+    resize: the filter (`RESIZE_FILTERS`): "bilinear" is torchvision's default, as the
+      reference code resizes; PIL antialiases when it shrinks either way.
     pair_record: int64 [P], record (0..R-1) of each (image, caption) pair.
     pair_caption: the P caption strings.
     tokens: int32 [P, L], the encoded captions.
@@ -57,6 +60,7 @@ class Split:
   tokens: np.ndarray
   image_paths: list[str]
   person_ids: np.ndarray
+  resize: str = "bicubic"
 
   @property
   def num_pairs(self) -> int:
@@ -72,7 +76,7 @@ class Split:
     return self.person_ids[self.pair_record]
 
   def load_image(self, record: int) -> np.ndarray:
-    """Decodes record `record`'s image to uint8 [H, W, 3], resized (bicubic) to `image_size`."""
+    """Decodes record `record`'s image to uint8 [H, W, 3], resized to `image_size` with `resize`."""
     source_record = int(self.source_records[record])
     data = self.source[source_record]["image"]
     try:
@@ -83,7 +87,7 @@ class Split:
                        f"cannot decode image: {e}") from e
     h, w = self.image_size
     if img.size != (w, h):
-      img = img.resize((w, h), Image.Resampling.BICUBIC)
+      img = img.resize((w, h), RESIZE_FILTERS[self.resize])
     return np.asarray(img, np.uint8)
 
   def subset(self, keep: np.ndarray, name: str) -> "Split":
@@ -93,7 +97,8 @@ class Split:
     return Split(name=name, source=self.source, source_records=self.source_records[keep],
                  image_size=self.image_size, pair_record=new_record[self.pair_record[pairs]],
                  pair_caption=[c for c, k in zip(self.pair_caption, pairs) if k], tokens=self.tokens[pairs],
-                 image_paths=[p for p, k in zip(self.image_paths, keep) if k], person_ids=self.person_ids[keep])
+                 image_paths=[p for p, k in zip(self.image_paths, keep) if k], person_ids=self.person_ids[keep],
+                 resize=self.resize)
 
 
 def hold_out_identities(split: Split, num_ids: int, seed: int, name: str) -> tuple[Split, Split]:
@@ -107,8 +112,10 @@ def hold_out_identities(split: Split, num_ids: int, seed: int, name: str) -> tup
 
 
 def open_split(builder: tfds.core.DatasetBuilder, split: str, tokenizer: Tokenizer,
-               image_size: tuple[int, int]) -> Split:
+               image_size: tuple[int, int], resize: str = "bicubic") -> Split:
   """Reads a prepared split's captions and ids, and tokenizes every caption once."""
+  if resize not in RESIZE_FILTERS:
+    raise ValueError(f"data.resize must be one of {sorted(RESIZE_FILTERS)}, got {resize!r}")
   if split not in builder.info.splits:
     raise ValueError(f"split '{split}' not in {builder.info.full_name}; it has {sorted(builder.info.splits)}")
   source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
@@ -138,6 +145,7 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str, tokenizer: Tokeniz
       tokens=tokenizer.encode(captions, f"{builder.info.full_name} split '{split}'"),
       image_paths=paths,
       person_ids=np.asarray(pids, np.int64),
+      resize=resize,
   )
 
 

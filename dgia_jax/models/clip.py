@@ -263,6 +263,10 @@ class CLIP(nn.Module):
   def __call__(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     return self.encode_image(images), self.encode_text(tokens)
 
+  def raw_features(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Image and text features before L2 normalisation, float32 [B, D] each."""
+    return self.visual(images).astype(jnp.float32), self.text(tokens).astype(jnp.float32)
+
 
 def config_from_dict(model_cfg, image_size: tuple[int, int], vocab_size: int, eot_token_id: int,
                      context_length: int) -> CLIPConfig:
