@@ -103,6 +103,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64
+  # Rows per micro-batch (0: off): the step's gradient is the whole batch's, computed with one
+  # micro-batch's activations live at a time (dgia_jax/step.py); a divisor of batch_size and a
+  # multiple of the device count.
+  c.train.micro_batch = 0
   c.train.epochs = 10
   c.train.lr = 5e-4
   c.train.min_lr = 0.0
@@ -127,6 +131,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 200
   c.checkpoint.keep = 2
+  return c
+
+
+def synthetic_persons(c: ml_collections.ConfigDict, **sizes) -> ml_collections.ConfigDict:
+  """`c` reading the embedded synthetic set (no downloads): the default build is 500 / 50 / 100
+  identities (train / val / test) × 4 views × 2 captions, seed 0; `sizes` change it."""
+  c.data.name = "synthetic_persons"
+  c.data.synthetic = ml_collections.ConfigDict(dict(
+      num_ids=(500, 50, 100), views_per_id=4, captions_per_image=2, sibling_prob=0.5, mention_prob=0.6,
+      seed=0, tokenizer_vocab_size=600))
+  c.data.synthetic.update(sizes)
   return c
 
 

@@ -17,11 +17,10 @@ import os
 
 from dgia_jax import cli
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-base = cli.load_config_module(os.path.join(_HERE, "base.py"))
+base = cli.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
 
 
 def get_config():
-  c = base.clip_vit_b16(cli.load_config(os.path.join(_HERE, "default.py")))
+  c = base.clip_vit_b16(base.synthetic_persons(base.get_config()))
   c.name = "clip_finetune_synthetic"
   return c

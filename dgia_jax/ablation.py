@@ -42,6 +42,23 @@ ROWS: dict[str, dict[str, object]] = {
     "full+clusters": {"loss.lrc": True, "loss.iasc": True, "loss.gsrc": True, "relations.clusters.enabled": True,
                       "relations.clusters.mode": "or"},
 }
+# The reference code's settings where ours differ (docs/REPRODUCING.md), each a row on top of `full`,
+# and all of them together (`code`).
+CODE_SWITCHES: dict[str, dict[str, object]] = {
+    "adam_eps": {"train.eps": 1e-3},
+    "sdm_eps": {"loss.relation_eps": 1e-6},
+    "strict": {"relations.compare": ">"},
+    "bank_rows": {"gsrc.rows": "batch+bank"},
+    "skip_top1": {"gsrc.candidates": "skip_top1"},
+    "raw_bank": {"gsrc.bank_features": "raw"},
+    "perturbed_relations": {"iasc.relations": "perturbed"},
+    "mean_erase": {"iasc.erase_fill": "mean"},
+    "one_mask": {"iasc.mask_at_least_one": True},
+    "bilinear": {"data.resize": "bilinear"},
+    "epoch_schedule": {"train.schedule_per": "epoch"},
+}
+ROWS.update({f"full+{name}": {**ROWS["full"], **switch} for name, switch in CODE_SWITCHES.items()})
+ROWS["code"] = {**ROWS["full"], **{k: v for switch in CODE_SWITCHES.values() for k, v in switch.items()}}
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 TIME_FILE = "wall_seconds.json"  # beside each run of the study: its training time, resumes included
 

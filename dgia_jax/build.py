@@ -34,21 +34,24 @@ class Training:
 
 
 def training(config: ml_collections.ConfigDict, tokenizer, steps_per_epoch: int, num_pairs: int, mesh: Mesh,
-             pretrained: bool = False) -> Training:
+             pretrained: bool = False, abstract: bool = False) -> Training:
   """The model, optimizer, objective, initial state and step for `config`.
 
   `tokenizer` gives the vocabulary, end-of-text and mask ids; `num_pairs` sizes the memory banks
   (padded to the mesh) and pseudo ids. With `pretrained`, parameters come from `model.init_from`
-  (`initial_params`), else from a fresh init with `config.seed`.
+  (`initial_params`), else from a fresh init with `config.seed`. With `abstract`, the state is
+  shapes and shardings only (`step.init_state`), for compiling the step without allocating it.
   """
   model = inference.build_model(config, tokenizer)
   tx, schedule = optim.make_optimizer(config.train, steps_per_epoch)
   objective = Objective.from_config(config, model, tokenizer.mask_id, steps_per_epoch, mesh)
+  micro_batch = config.train.get("micro_batch", 0)
+  step_lib.check_micro_batch(config.train.batch_size, micro_batch, mesh.devices.size)
   rows = identity_graph.padded_size(num_pairs, mesh)
   params = initial_params(config, model, tokenizer) if pretrained else None
   state = step_lib.init_state(model, tx, config.seed, rows if config.loss.gsrc else 0, mesh, params,
-                              pseudo_rows=rows if config.relations.clusters.enabled else 0)
-  train_step = step_lib.make_train_step(objective, tx, schedule, step_lib.shardings(state, mesh))
+                              pseudo_rows=rows if config.relations.clusters.enabled else 0, abstract=abstract)
+  train_step = step_lib.make_train_step(objective, tx, schedule, step_lib.shardings(state, mesh), micro_batch)
   return Training(model, tx, schedule, objective, state, train_step)
 
 

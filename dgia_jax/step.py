@@ -3,6 +3,13 @@
 Sharding is declared once (`parallel`): the batch is split over the mesh's `data` axis,
 parameters and optimizer state are replicated, memory banks and pseudo ids are split over
 `data` along their N rows. One jitted step serves one device, many devices and many processes.
+
+With `micro_batch` the step caches gradients at the embeddings (exactly the full batch's
+gradient in the memory of a micro-batch): every loss is a function of the batch's embeddings
+plus bank rows that carry no gradient, so the batch is first embedded chunk by chunk without
+keeping activations, the objective and its gradient with respect to all embeddings are computed
+once, and a scan re-runs each chunk's forward pass to pull its part of that gradient back to
+the parameters, one chunk's activations live at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dgia_jax import identity_graph, objective as objective_lib, parallel
 from dgia_jax.models import clip
@@ -48,9 +55,11 @@ def shardings(state: TrainState, mesh: Mesh) -> StepShardings:
 
 
 def init_state(model: clip.CLIP, tx: optax.GradientTransformation, seed: int, bank_rows: int, mesh: Mesh,
-               params=None, pseudo_rows: int = 0) -> TrainState:
+               params=None, pseudo_rows: int = 0, abstract: bool = False) -> TrainState:
   """Parameters (`params`, e.g. pretrained, or a fresh init), optimizer state, (if `bank_rows`)
-  an empty memory bank and (if `pseudo_rows`) pseudo ids, all -1 until the first clustering."""
+  an empty memory bank and (if `pseudo_rows`) pseudo ids, all -1 until the first clustering.
+  With `abstract`, only their shapes, dtypes and shardings (`jax.ShapeDtypeStruct`s): enough to
+  compile a step and read its memory analysis without allocating a state."""
   cfg = model.cfg
 
   def init(params):
@@ -64,24 +73,82 @@ def init_state(model: clip.CLIP, tx: optax.GradientTransformation, seed: int, ba
                       pseudo_ids=pseudo_ids)
 
   shapes = jax.eval_shape(init, params)
-  return jax.jit(init, out_shardings=shardings(shapes, mesh).state)(params)
+  layout = shardings(shapes, mesh).state
+  if abstract:
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes, layout)
+  return jax.jit(init, out_shardings=layout)(params)
+
+
+def check_micro_batch(batch_size: int, micro_batch: int, devices: int) -> None:
+  """Refuses a micro-batch (0: off) that does not divide the batch or that the devices do not divide."""
+  if micro_batch < 0 or (micro_batch and (batch_size % micro_batch or micro_batch % devices)):
+    raise ValueError(f"train.micro_batch={micro_batch} must divide train.batch_size={batch_size} and be a multiple "
+                     f"of the {devices} devices (each micro-batch is split over them), or 0 (off)")
+
+
+def _chunks(x: jax.Array, count: int, layout: StepShardings) -> jax.Array:
+  """[B, ...] -> [count, B / count, ...]: chunk c holds the c-th slice of every device's rows, so
+  each chunk is split over `data` as the batch is, and no row moves between devices."""
+  devices = layout.batch.mesh.devices.size
+  b = x.shape[0]
+  x = x.reshape(devices, count, b // (devices * count), *x.shape[1:])
+  x = jnp.swapaxes(x, 0, 1).reshape(count, b // count, *x.shape[3:])
+  return jax.lax.with_sharding_constraint(x, NamedSharding(layout.batch.mesh, P(None, parallel.DATA_AXIS)))
+
+
+def _unchunk(x: jax.Array, layout: StepShardings) -> jax.Array:
+  """[count, B / count, ...] -> [B, ...] in the batch's row order (the inverse of `_chunks`)."""
+  devices = layout.batch.mesh.devices.size
+  count, m = x.shape[:2]
+  x = x.reshape(count, devices, m // devices, *x.shape[2:])
+  return jax.lax.with_sharding_constraint(jnp.swapaxes(x, 0, 1).reshape(count * m, *x.shape[3:]), layout.batch)
+
+
+def loss_and_grads(objective: objective_lib.Objective, state: TrainState, batch: dict, pair_pids: jax.Array,
+                   layout: StepShardings, micro_batch: int = 0):
+  """((total, (terms, aux)), grads) of the objective at `state.params` on the whole batch, computed
+  `micro_batch` rows at a time when that is smaller than the batch (module docstring)."""
+  count = batch["index"].shape[0] // micro_batch if micro_batch else 1
+  if count == 1:
+    def loss_fn(params):
+      total, terms, aux = objective(params, batch, state.step, state.bank, state.pseudo_ids, pair_pids)
+      return total, (terms, aux)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  params, step = state.params, state.step
+  parts = jax.tree.map(lambda x: _chunks(x, count, layout), batch)
+  embed = lambda p, part: objective.embed(p, part, step)  # noqa: E731
+  emb = jax.tree.map(lambda x: _unchunk(x, layout), jax.lax.map(lambda part: embed(params, part), parts))
+
+  def loss_of_embeddings(emb):
+    total, terms, aux = objective.loss(emb, batch, step, state.bank, state.pseudo_ids, pair_pids)
+    return total, (terms, aux)
+
+  value, emb_grad = jax.value_and_grad(loss_of_embeddings, has_aux=True)(emb)
+
+  def pull_back(grads, part_and_cotangent):
+    part, cotangent = part_and_cotangent
+    _, vjp = jax.vjp(lambda p: embed(p, part), params)
+    return jax.tree.map(jnp.add, grads, vjp(cotangent)[0]), None
+
+  cotangents = jax.tree.map(lambda x: _chunks(x, count, layout), emb_grad)
+  grads, _ = jax.lax.scan(pull_back, jax.tree.map(jnp.zeros_like, params), (parts, cotangents))
+  return value, grads
 
 
 def make_train_step(objective: objective_lib.Objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    layout: StepShardings):
+                    layout: StepShardings, micro_batch: int = 0):
   """Jitted (state, batch, pair_pids) -> (state, metrics, counts).
 
   The batch is sharded over `data`; `pair_pids` [N_pad] is sharded like the banks and read
   for measurement (and as relations under `relations.oracle`) only. A step whose loss or
   gradients are not finite changes nothing but the step counter and reports `skipped = 1`.
+  With `micro_batch` (rows, a divisor of the batch and a multiple of the devices), the gradient
+  is the full batch's, computed a micro-batch at a time (module docstring).
   """
 
   def step(state: TrainState, batch: dict[str, jax.Array], pair_pids: jax.Array):
-    def loss_fn(params):
-      total, terms, aux = objective(params, batch, state.step, state.bank, state.pseudo_ids, pair_pids)
-      return total, (terms, aux)
-
-    (total, (terms, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (total, (terms, aux)), grads = loss_and_grads(objective, state, batch, pair_pids, layout, micro_batch)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
 

@@ -9,13 +9,15 @@ runs one jitted step per global batch; the data order and every random draw are 
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
 import ml_collections
 import numpy as np
 
-from dgia_jax import build, checkpointing, evaluators, hooks, identity_graph, inference, parallel, reporting, rundir
+from dgia_jax import (build, checkpointing, cli, evaluators, hooks, identity_graph, inference, parallel, reporting,
+                      rundir)
 from dgia_jax.data import datasets
 from dgia_jax.data.pipeline import EpochOrder, Split, train_batches
 from dgia_jax.models import clip
@@ -49,13 +51,29 @@ def hidden_pair_ids(split: Split, rows: int, mesh) -> jax.Array:
   return parallel.global_array(pids, parallel.data_sharding(mesh))
 
 
+def train_initial_run(config: ml_collections.ConfigDict) -> None:
+  """Stage 1: the run `model.init_from` names, trained with `model.init_config` unless it finished
+  (its results.json exists); an interrupted one resumes. Later runs reuse it."""
+  init_config = config.model.get("init_config", "")
+  if not init_config or os.path.exists(rundir.RunDir(config.model.init_from).results):
+    return
+  if jax.process_index() == 0:
+    print(f"dgia-jax: stage 1: training {config.model.init_from} with {init_config} first (kept for later runs)",
+          flush=True)
+  train_and_evaluate(cli.load_config(init_config), config.model.init_from)
+  if jax.process_index() == 0:
+    print(f"dgia-jax: stage 2: {config.get('name', '')} from {config.model.init_from}", flush=True)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains with `config`, evaluating every `eval.every_epochs`; resumes from `workdir`.
+  """Trains with `config`, evaluating every `eval.every_epochs`; resumes from `workdir`. If
+  `model.init_from` is a run still to be trained by `model.init_config`, trains it first.
 
   Writes the run directory (`rundir`): config.json, checkpoints/, best/, metrics.jsonl,
   curves.png and results.json; returns the results.
   """
   # Setup.
+  train_initial_run(config)
   config = build.with_init_tokenizer(config)
   mesh = parallel.make_mesh()
   check_config(config, mesh)

@@ -20,7 +20,7 @@ def load_config(name: str = "default") -> ml_collections.ConfigDict:
 
 def tiny_config(data_dir: str) -> ml_collections.ConfigDict:
   """The default experiment shrunk to seconds: tiny data set and a one-layer model."""
-  c = load_config("default")
+  c = load_config("synthetic_scratch")
   c.data.data_dir = data_dir
   c.data.synthetic.num_ids = (16, 4, 8)
   c.data.synthetic.views_per_id = 2

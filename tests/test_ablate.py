@@ -66,12 +66,13 @@ def test_ablation_writes_table_chart_and_reuses_finished_runs(tmp_path, data_dir
   assert os.path.getmtime(os.path.join(workdir, "full", "seed1", "results.json")) == stamp
 
 
-def test_fine_tuning_identities_are_disjoint_from_the_pre_training_identities():
+def test_the_main_jobs_fine_tuning_identities_are_disjoint_from_its_pre_training_identities():
   from dgia_jax.data import datasets
 
-  pre, fine = helpers.load_config("synthetic_pretrain"), helpers.load_config("synthetic_finetune")
+  pre, fine = helpers.load_config("synthetic_pretrain"), helpers.load_config("default")
   assert (pre.loss.lrc, pre.loss.iasc, pre.loss.gsrc) == (False, False, False)  # ITC only: no method in the start
   assert fine.model.init_from == "runs/synthetic_pretrain"
+  assert fine.model.init_config == os.path.join(helpers.ROOT, "configs", "synthetic_pretrain.py")
   assert fine.model.vision.to_dict() == pre.model.vision.to_dict() and fine.data.image_size == pre.data.image_size
 
   def identities(config):

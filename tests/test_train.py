@@ -333,3 +333,33 @@ def test_identities_held_out_of_train_become_the_validation_split(tiny_config):
   held_pairs = np.isin(full.pair_record, held)
   np.testing.assert_array_equal(splits["val"].tokens, full.tokens[held_pairs])
   np.testing.assert_array_equal(splits["val"].pair_person_ids, full.pair_person_ids[held_pairs])
+
+
+_PRETRAIN_CONFIG = """
+from tests import helpers
+
+def get_config():
+  c = helpers.tiny_config({data_dir!r})
+  c.loss.update(dict(lrc=False, iasc=False, gsrc=False))
+  c.train.epochs = 1
+  return c
+"""
+
+
+def test_a_missing_initial_run_is_trained_first_then_reused(tiny_config, tmp_path, capsys):
+  """`model.init_config`: the run `model.init_from` names is trained first (stage 1), once."""
+  config_file = tmp_path / "pretrain.py"
+  config_file.write_text(_PRETRAIN_CONFIG.format(data_dir=tiny_config.data.data_dir))
+  pre = str(tmp_path / "pre")
+  tiny_config.model.update(dict(init_from=pre, init_config=str(config_file)))
+  tiny_config.train.epochs = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path / "fine"))
+  out = capsys.readouterr().out
+  assert f"stage 1: training {pre} with {config_file}" in out and "stage 2:" in out
+  stage1 = rundir.RunDir(pre)
+  assert stage1.read_config().loss.lrc is False and stage1.read_results()["steps"] == 4
+  fine = rundir.RunDir(str(tmp_path / "fine")).read_config()
+  assert fine.data.tokenizer == inference.run_tokenizer_path(pre)  # stage 2 reads tokens as stage 1 did
+  stamp = os.path.getmtime(stage1.results)
+  train.train_and_evaluate(tiny_config, str(tmp_path / "fine_again"))
+  assert "stage 1" not in capsys.readouterr().out and os.path.getmtime(stage1.results) == stamp

@@ -6,11 +6,13 @@ import ml_collections
 def _model(embed_dim: int, vision: dict, text: dict) -> ml_collections.ConfigDict:
   """`init_from`: a CLIP checkpoint (`checkpoint_io`) or a dgia-jax training workdir (its latest
   checkpoint, and its tokenizer unless `data.tokenizer` is set) to start from ("" = random init);
+  `init_config`: with a workdir `init_from`, the config file that trains it, run first when that
+  run has no results yet (a pre-training stage, kept and reused);
   `init_cache_dir`: where its converted parameters are cached ("" = ~/.cache/dgia_jax/converted);
   `attention`: "xla", or "cudnn" for cuDNN's fused attention on GPUs (needs dtype bfloat16)."""
   return ml_collections.ConfigDict(dict(
       embed_dim=embed_dim, vision=vision, text=text, activation="quick_gelu", dtype="float32", remat=False,
-      attention="xla", init_from="", init_cache_dir=""))
+      attention="xla", init_from="", init_config="", init_cache_dir=""))
 
 
 def vit_b16() -> ml_collections.ConfigDict:
