@@ -6,7 +6,7 @@ RUN_STAMP := $(VENV)/.run-installed
 DEV_STAMP := $(VENV)/.dev-installed
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: train test venv clean-venv
+.PHONY: train test venv browser clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,15 @@ venv: $(DEV_STAMP)
 train: $(RUN_STAMP)
 	$(BIN)/python -m dgia_jax.main --config configs/default.py --workdir runs/default
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) browser
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+# Debian's Chromium and ChromeDriver for the search page's browser test, installed when missing (as root);
+# where they cannot be, that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+	  >/dev/null 2>&1 || echo "chromium could not be installed: the browser test will be skipped"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -93,11 +93,8 @@ def measure_step(batch: int, steps: int, profile: str | None, attention: str) ->
   steps_per_epoch = CUHK_PAIRS // batch
   built = build.training(config, _ClipTokenizer, steps_per_epoch, CUHK_PAIRS, mesh)
   rows = identity_graph.padded_size(CUHK_PAIRS, mesh)
+  state = timing.with_filled_bank(built.state, rows, 512, mesh, seed=0)
   rng = np.random.default_rng(0)
-  feats = rng.normal(size=(rows, 512)).astype(np.float32)
-  feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-  bank = identity_graph.MemoryBank(image=jnp.asarray(feats), text=jnp.asarray(feats), filled=jnp.ones(rows, bool))
-  state = built.state.replace(bank=jax.device_put(bank, parallel.data_sharding(mesh)))
   batch_arrays = parallel.to_global({
       "image": rng.integers(0, 256, size=(batch, 384, 128, 3), dtype=np.uint8),
       "tokens": _tokens(rng, batch),

@@ -18,7 +18,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
@@ -40,23 +39,11 @@ def build_step(full: bool, images, tokens, index):
   mesh = parallel.make_mesh()
   built = build.training(config, _Tok, 100, NUM_PAIRS, mesh)
   rows = identity_graph.padded_size(NUM_PAIRS, mesh)
-  state = built.state
-  if full:  # a filled bank, so the search and the global loss do real work
-    rng = np.random.default_rng(1)
-    feats = rng.normal(size=(rows, config.model.embed_dim)).astype(np.float32)
-    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-    bank = identity_graph.MemoryBank(image=jnp.asarray(feats), text=jnp.asarray(feats), filled=jnp.ones(rows, bool))
-    state = state.replace(bank=jax.device_put(bank, parallel.data_sharding(mesh)))
+  state = timing.with_filled_bank(built.state, rows, config.model.embed_dim, mesh) if full else built.state
   batch = parallel.to_global({"image": images, "tokens": tokens, "index": index}, mesh)
   pids = parallel.global_array(np.zeros(rows, np.int32), parallel.data_sharding(mesh))
   step, flops = timing.compile_step(built.step, state, batch, pids)
-
-  def time_steps(n: int) -> float:
-    nonlocal state  # each round continues from the state the last one left (the old one is donated)
-    seconds, state = timing.seconds_per_step(step, state, batch, pids, n)
-    return seconds
-
-  return time_steps, flops / 1e9
+  return timing.step_timer(step, state, batch, pids), flops / 1e9
 
 
 def main():

@@ -8,6 +8,10 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dgia_jax import identity_graph, parallel
 
 
 def seconds_per_step(step, state, batch, pair_pids, steps: int, warmup: int = 2):
@@ -55,3 +59,23 @@ def trace_top_ops(trace_dir: str, top: int = 15) -> dict:
     out[process] = {"busy_ms": round(total, 1),
                     "top": [[name, round(ms, 2), round(ms / total, 3)] for name, ms in ops.most_common(top)]}
   return out
+
+
+def with_filled_bank(state, rows: int, dim: int, mesh, seed: int = 1):
+  """`state` with its memory banks filled with random unit features, so the bank search and the
+  global loss do real work (speed does not depend on the values)."""
+  feats = np.random.default_rng(seed).normal(size=(rows, dim)).astype(np.float32)
+  feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+  bank = identity_graph.MemoryBank(image=jnp.asarray(feats), text=jnp.asarray(feats), filled=jnp.ones(rows, bool))
+  return state.replace(bank=jax.device_put(bank, parallel.data_sharding(mesh)))
+
+
+def step_timer(step, state, batch, pair_pids):
+  """time(n) -> mean seconds of `n` steps, each round continuing from the state the last one left
+  (the step donates the old one)."""
+  def time_steps(n: int) -> float:
+    nonlocal state
+    seconds, state = seconds_per_step(step, state, batch, pair_pids, n)
+    return seconds
+
+  return time_steps

@@ -83,7 +83,7 @@ def jax_step(preset, image_size, context, vocab, batch, images, tokens):
   gflops = flops / 1e9
 
   def time_steps(n: int) -> float:
-    nonlocal state  # each round continues from the state the last one left (the old one is donated)
+    nonlocal state  # the parts below read the live state's parameters (each round donates the old one)
     seconds, state = timing.seconds_per_step(step, state, arrays, pair_pids, n)
     return seconds
 

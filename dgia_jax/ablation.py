@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dgia_jax import rundir, train  # noqa: E402
+from dgia_jax import errors, rundir, train  # noqa: E402
 
 _LOSSES_OFF = {"loss.lrc": False, "loss.iasc": False, "loss.gsrc": False}
 ROWS: dict[str, dict[str, object]] = {
@@ -66,7 +66,7 @@ TIME_FILE = "wall_seconds.json"  # beside each run of the study: its training ti
 def row_config(config, row: str, seed: int):
   """A copy of `config` with the switches of `row` and `seed`."""
   if row not in ROWS:
-    raise ValueError(f"unknown ablation row '{row}'; known: {sorted(ROWS)}")
+    raise errors.ConfigError(f"unknown ablation row '{row}'; known: {sorted(ROWS)}")
   c = config.copy_and_resolve_references()
   c.unlock()
   for path, value in ROWS[row].items():
@@ -187,7 +187,7 @@ def run_study(config, root: str, rows: list[str], seeds: int, command: str) -> s
   ablation.json and ablation.png there; returns the markdown report."""
   unknown = [r for r in rows if r not in ROWS]
   if unknown:
-    raise ValueError(f"unknown ablation rows {unknown}; known: {sorted(ROWS)}")
+    raise errors.ConfigError(f"unknown ablation rows {unknown}; known: {sorted(ROWS)}")
   per_row = {row: [] for row in rows}
   for seed in range(seeds):  # seed-major: an interrupted study has every row at equal seeds
     for row in rows:

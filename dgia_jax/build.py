@@ -16,7 +16,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from dgia_jax import identity_graph, inference, optim, rundir, step as step_lib
+from dgia_jax import errors, identity_graph, inference, optim, rundir, step as step_lib
 from dgia_jax.models import checkpoint_io, clip
 from dgia_jax.objective import Objective
 
@@ -45,7 +45,7 @@ def training(config: ml_collections.ConfigDict, tokenizer, steps_per_epoch: int,
   model = inference.build_model(config, tokenizer)
   tx, schedule = optim.make_optimizer(config.train, steps_per_epoch)
   objective = Objective.from_config(config, model, tokenizer.mask_id, steps_per_epoch, mesh)
-  micro_batch = config.train.get("micro_batch", 0)
+  micro_batch = config.train.micro_batch
   step_lib.check_micro_batch(config.train.batch_size, micro_batch, mesh.devices.size)
   rows = identity_graph.padded_size(num_pairs, mesh)
   params = initial_params(config, model, tokenizer) if pretrained else None
@@ -87,6 +87,6 @@ def initial_params(config: ml_collections.ConfigDict, model: clip.CLIP, tokenize
   for name in sorted(set(want) | set(got)):
     have, need = (got[name].shape if name in got else "missing"), (want[name].shape if name in want else "absent")
     if have != need:
-      raise ValueError(f"model.init_from={init_from} (step {step}) does not fit this model: parameter "
+      raise errors.ConfigError(f"model.init_from={init_from} (step {step}) does not fit this model: parameter "
                        f"{name} is {have} there, the config's model has {need}")
   return params

@@ -4,6 +4,7 @@ Every program ends with `cli.run(main)` and its `main` starts with `cli.start(ar
 """
 
 import importlib.util
+import logging as pylogging
 import os
 import sys
 
@@ -11,7 +12,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from dgia_jax import host_memory
+from dgia_jax import errors, host_memory
 
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None,
@@ -36,14 +37,41 @@ def enable_compilation_cache() -> str:
   return path
 
 
+class _WithoutFailedCheckpointWrites:
+  """Drops the logs orbax and asyncio write, with tracebacks from their own threads, when a
+  checkpoint write fails (TensorStore: `Error writing ... in OCDBT database`): that failure reaches
+  the program as one `error:` line (checkpointing.WriteError) and is logged nowhere else."""
+
+  def filter(self, record) -> bool:
+    if record.levelno < pylogging.ERROR:
+      return True
+    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else "")
+    return not ("Error writing" in text and "OCDBT database" in text)
+
+
+def _drop_callbacks_into_a_closed_loop(unraisable) -> None:
+  """After a failed checkpoint write, TensorStore finishes its other writes and calls back into
+  orbax's event loop, closed by then; the failure itself reaches the program (WriteError), so
+  those callbacks' `Event loop is closed` are dropped. Anything else goes to Python's default."""
+  if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+    sys.__unraisablehook__(unraisable)
+
+
 def start(argv: list[str]) -> None:
   """What every program does first: keep freed host memory (`host_memory`; before JAX starts its
   CPU threads, so before any computation), refuse positional arguments, log warnings and errors
-  only (orbax logs every checkpoint step at INFO), and turn on the compilation cache."""
+  only (orbax logs every checkpoint step at INFO), keep a log file free of progress-bar redraws,
+  and turn on the compilation cache."""
   host_memory.retain_freed_memory()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(_WithoutFailedCheckpointWrites())
+  sys.unraisablehook = _drop_callbacks_into_a_closed_loop
+  if not sys.stderr.isatty():  # a log file: no carriage-return redraws from TFDS's bars either
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
   enable_compilation_cache()
 
 
@@ -72,14 +100,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"error: {e}")
 
 
-def run(main, user_errors: tuple[type[Exception], ...] = ()) -> None:
-  """Runs `main` as absl does, a bad flag reported in one line (`parse_flags`); an exception of
-  `user_errors` ends the program with `error: <it>` and exit status 1, no traceback."""
+def run(main) -> None:
+  """Runs `main` as absl does, a bad flag reported in one line (`parse_flags`); a user's error
+  (`errors.USER_ERRORS`) ends the program with `error: <it>` and exit status 1, no traceback.
+  Any other exception keeps its traceback."""
 
   def guarded(argv):
     try:
       return main(argv)
-    except user_errors as e:
+    except errors.USER_ERRORS as e:
       sys.exit(f"error: {e}")
 
   app.run(guarded, flags_parser=parse_flags)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import jax
 import ml_collections
-from tqdm import tqdm
 
 from dgia_jax import checkpointing, inference, reporting, rundir
 from dgia_jax.data.pipeline import Split
@@ -27,7 +26,7 @@ class SplitEvaluator:
     record = {"kind": "eval", "step": step, "epoch": epoch, "split": self.split.name, **figures}
     self._writer.write(record)
     if jax.process_index() == 0:
-      tqdm.write(f"epoch {epoch} {self.split.name}: t2i {reporting.format_metrics(figures['t2i'])} | "
+      reporting.message(f"epoch {epoch} {self.split.name}: t2i {reporting.format_metrics(figures['t2i'])} | "
                  f"i2t {reporting.format_metrics(figures['i2t'])}")
     return record
 
@@ -45,7 +44,8 @@ class Evaluation:
     self.val = make(splits[dcfg.val_split]) if dcfg.val_split in splits else None
     self.test = make(splits[dcfg.eval_split])
     self._config, self._run, self._writer = config, run, writer
-    self._best = checkpointing.Checkpointer(run.best, 1, 1, async_save=False)
+    # The newest two best epochs: if the newest is damaged, evaluate/export/search fall back to the other.
+    self._best = checkpointing.Checkpointer(run.best, 1, 2, async_save=False)
 
   def _score(self, record: dict) -> float:
     return record["t2i"][self._config.eval.select_metric]
@@ -82,5 +82,5 @@ class Evaluation:
                          "test": {k: tests[best["step"]][k] for k in ("t2i", "i2t")}}
     return out
 
-  def close(self) -> None:
-    self._best.close()
+  def close(self, quiet: bool = False) -> None:
+    self._best.close(quiet)

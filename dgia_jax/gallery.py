@@ -1,22 +1,26 @@
 """Exported embeddings: written in shards with a JSONL index, read back, searched by top-k.
 
-`python -m dgia_jax.tools.export` writes an export; `tools.search`, `tools.report` and
-`tools.serve` read it. Layout of an export directory (row i of an index is row i of its shards, concatenated):
+`python -m dgia_jax.tools.export` writes an export of a split of the run's data set
+(`export_split`) or of a folder of the user's own images (`export_images`); `tools.search`,
+`tools.report` and `tools.serve` read it. Layout of an export directory (row i of an index is
+row i of its shards, concatenated):
 
-  manifest.json                  run config, checkpoint step (`best`: the best-on-validation one),
-                                 workdir, split, dim, counts, format,
-                                 and every shard with its row count and sha256
-  images-00000-of-00001.npy      float32 [rows, D] L2-normalised image embeddings, in record order,
-                                 at most `shard_rows` rows per shard
-  texts-00000-of-00001.npy       float32 [rows, D] caption embeddings, in caption order
-  images.jsonl                   one line per image: {"row", "record", "path", "person_id"}
+  manifest.json                  source ("split" or "images"), run config, checkpoint step (`best`:
+                                 the best-on-validation one), workdir, split or images_dir, dim,
+                                 counts, format, and every shard with its row count and sha256;
+                                 an images export also lists the files it could not read
+  images-00000-of-00001.npy      float32 [rows, D] L2-normalised image embeddings, in record (or
+                                 sorted path) order, at most `shard_rows` rows per shard
+  texts-00000-of-00001.npy       float32 [rows, D] caption embeddings, in caption order (none for images)
+  images.jsonl                   one line per image: {"row", "record", "path", "person_id"} (a split), or
+                                 {"row", "path", "size", "mtime_ns"} (own images: no person ids)
   texts.jsonl                    one line per caption: {"row", "caption", "record", "person_id"}
                                  (`record`: the row of the caption's image)
 
 In the safetensors format the shards are `.safetensors` files holding one tensor,
 `embeddings`. The index is JSONL, not Parquet: it needs no dependency (pyarrow is not
-one), is read and written a line at a time, and diffs and greps like any text. The
-manifest is written last, so a directory with one holds a complete export.
+one), is read and written a line at a time, and diffs and greps like any text. An export is
+written whole or not at all (`write_export`): a failed one leaves the previous export as it was.
 
 The features are the evaluator's (`inference.extract_features`: eval transforms, the run's
 eval batch size) and shards are written the same way each time, so two exports of one
@@ -27,18 +31,20 @@ search holds one shard at a time on the device.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
 import json
 import os
+import shutil
 
 import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from dgia_jax import inference, metrics, parallel, reporting
-from dgia_jax.data import datasets
+from dgia_jax import errors, inference, metrics, parallel, reporting
+from dgia_jax.data import datasets, pipeline
 
 MANIFEST_FILE = "manifest.json"
 FORMATS = ("npy", "safetensors")
@@ -90,17 +96,150 @@ def _write_jsonl(path: str, rows) -> None:
     f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def _remove_previous(out_dir: str) -> None:
-  """Deletes the files of an export already in `out_dir` (its shard count may differ)."""
+STAGING_DIR = ".staging"  # inside an export directory: the next export, until it is complete
+
+
+def _listed_files(out_dir: str) -> set[str]:
+  """The files of the export in `out_dir` (none if it holds none)."""
   path = os.path.join(out_dir, MANIFEST_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    os.remove(path)
+  if not os.path.exists(path):
+    return set()
+  with open(path) as f:
+    old = json.load(f)
+  return {e["file"] for kind in KINDS for e in old["shards"][kind]} | {index_file(kind) for kind in KINDS}
+
+
+def write_export(out_dir: str, feats: dict[str, np.ndarray], rows: dict[str, list[dict]], meta: dict, shard_rows: int,
+                 fmt: str) -> dict:
+  """Writes an export (module docstring) whole or not at all; returns its manifest.
+
+  `feats` and `rows` hold, per kind, float32 [N, D] embeddings and their N index rows; `meta` goes
+  into the manifest. Every file is first written into `out_dir/.staging`; only when all are
+  written are they moved in, the manifest last, and the files of the export there before that
+  the new one does not reuse removed. A write that fails (disk full, file-size limit, read-only
+  target) raises WriteError naming `out_dir` and leaves the export that was there as it was.
+  Files in `out_dir` that are no export's are never touched.
+  """
+  if fmt not in FORMATS:
+    raise errors.ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
+  if shard_rows < 1:
+    raise errors.ConfigError(f"shard_rows must be positive, got {shard_rows}")
+  staging = os.path.join(out_dir, STAGING_DIR)
+  try:
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export that failed
+    os.makedirs(staging)
+    shards = {kind: write_shards(staging, kind, feats[kind], shard_rows, fmt) for kind in KINDS}
     for kind in KINDS:
-      for entry in old["shards"][kind]:
-        if os.path.exists(os.path.join(out_dir, entry["file"])):
-          os.remove(os.path.join(out_dir, entry["file"]))
+      _write_jsonl(os.path.join(staging, index_file(kind)), rows[kind])
+    dims = {int(f.shape[1]) for f in feats.values() if len(f)}
+    manifest = {**meta, "format": fmt, "dim": dims.pop() if dims else 0,
+                "counts": {kind: len(feats[kind]) for kind in KINDS}, "shards": shards}
+    reporting.write_json(os.path.join(staging, MANIFEST_FILE), manifest)
+  except OSError as e:
+    shutil.rmtree(staging, ignore_errors=True)
+    kept = "; the export there before is intact" if os.path.exists(os.path.join(out_dir, MANIFEST_FILE)) else ""
+    raise errors.WriteError(f"could not write the export to {out_dir}: {e}{kept}") from e
+  old = _listed_files(out_dir)
+  new = sorted(set(os.listdir(staging)) - {MANIFEST_FILE})
+  for name in new + [MANIFEST_FILE]:
+    os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+  for name in old - set(new):
+    os.remove(os.path.join(out_dir, name))
+  os.rmdir(staging)
+  return manifest
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+_DECODE_CHUNK = 1024  # own images decoded and embedded this many at a time (memory: ~150 MB at 384x128)
+
+
+def list_images(images_dir: str) -> list[str]:
+  """The image files (`IMAGE_SUFFIXES`, any case) under `images_dir`, recursively, as sorted paths relative to it."""
+  if not os.path.isdir(images_dir):
+    raise errors.MissingPathError(f"--images {images_dir} is not a folder")
+  found = []
+  for root, dirs, files in os.walk(images_dir):
+    dirs.sort()
+    found += [os.path.relpath(os.path.join(root, f), images_dir) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+  if not found:
+    raise errors.BadInputError(f"--images {images_dir} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+  return sorted(found)
+
+
+def _file_key(path: str) -> tuple[int, int]:
+  stat = os.stat(path)
+  return stat.st_size, stat.st_mtime_ns
+
+
+def _previous_rows(out_dir: str, meta: dict) -> dict[tuple, np.ndarray]:
+  """{(path, size, mtime_ns): embedding} of an earlier export of the same images with the same run,
+  checkpoint and transforms in `out_dir` (empty if there is none)."""
+  path = os.path.join(out_dir, MANIFEST_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    old = json.load(f)
+  same = ("source", "workdir", "step", "best", "images_dir", "image_size", "resize")
+  if any(old.get(k) != meta[k] for k in same):
+    return {}
+  emb = load(out_dir)
+  feats = np.concatenate(emb.images) if emb.images else np.zeros((0, emb.manifest["dim"]), np.float32)
+  return {(r["path"], r["size"], r["mtime_ns"]): feats[r["row"]] for r in emb.image_index}
+
+
+def export_images(workdir: str, images_dir: str, out_dir: str, step: int | None = None, shard_rows: int = 65536,
+                  fmt: str = "npy", best: bool = False, num_threads: int = 8) -> dict:
+  """Embeds every image under `images_dir` (`list_images`) with the run's eval transforms and image
+  tower, as an export with no captions and no person ids; returns the manifest.
+
+  A file PIL cannot decode is listed in the manifest's `unreadable` (path and error), never
+  dropped silently. If `out_dir` holds an export of the same folder by the same run, checkpoint and
+  transforms, files whose path, size and modification time are unchanged keep their embedding
+  and only the others are embedded (`manifest["embedded"]`, `["reused"]`); the export is rewritten
+  whole (`write_export`).
+  """
+  run = inference.load_trained(workdir, step, best)
+  data = run.config.data
+  meta = {"source": "images", "workdir": os.path.abspath(workdir), "step": int(run.step), "best": best,
+          "images_dir": os.path.abspath(images_dir), "image_size": list(data.image_size),
+          "resize": data.get("resize", "bicubic"), "config": run.config.to_dict()}
+  files = list_images(images_dir)
+  keys = [(rel, *_file_key(os.path.join(images_dir, rel))) for rel in files]
+  previous = _previous_rows(out_dir, meta)
+  todo = [key for key in keys if key not in previous]
+  mesh = parallel.make_mesh()
+  encoders = inference.make_encoders(run.model, mesh)
+  embedded, unreadable = dict(previous), []
+
+  def decode(key):
+    with open(os.path.join(images_dir, key[0]), "rb") as f:
+      return pipeline.decode_image(f.read(), tuple(data.image_size), meta["resize"])
+
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:  # PIL decodes without the GIL
+    for start in range(0, len(todo), _DECODE_CHUNK):
+      chunk = todo[start:start + _DECODE_CHUNK]
+      decoded = list(pool.map(lambda key: _try(decode, key), chunk))
+      good = [(key, img) for key, img in zip(chunk, decoded) if not isinstance(img, Exception)]
+      unreadable += [{"path": key[0], "error": str(img)} for key, img in zip(chunk, decoded) if isinstance(img, Exception)]
+      if good:
+        feats = inference.encode_images(encoders, run.params, np.stack([img for _, img in good]), mesh,
+                                        run.config.eval.batch_size)
+        embedded.update({key: f for (key, _), f in zip(good, feats)})
+  kept = [key for key in keys if key in embedded]
+  dim = run.model.cfg.embed_dim
+  feats = np.stack([embedded[key] for key in kept]) if kept else np.zeros((0, dim), np.float32)
+  rows = {"images": [{"row": i, "path": key[0], "size": key[1], "mtime_ns": key[2]} for i, key in enumerate(kept)],
+          "texts": []}
+  meta.update(embedded=len(todo) - len(unreadable), reused=sum(key in previous for key in kept), unreadable=unreadable)
+  return write_export(out_dir, {"images": feats, "texts": np.zeros((0, dim), np.float32)}, rows, meta, shard_rows, fmt)
+
+
+def _try(fn, arg):
+  """`fn(arg)`, or the user error (an unreadable file) it raised."""
+  try:
+    return fn(arg)
+  except (OSError, errors.BadInputError) as e:
+    return e
 
 
 def export_split(workdir: str, split_name: str, out_dir: str, step: int | None = None, shard_rows: int = 65536,
@@ -108,29 +247,20 @@ def export_split(workdir: str, split_name: str, out_dir: str, step: int | None =
   """Embeds every image and caption of `split_name` with checkpoint `step` of `workdir` (its
   best-on-validation one if `best`); returns the manifest."""
   if fmt not in FORMATS:
-    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-  if shard_rows < 1:
-    raise ValueError(f"shard_rows must be positive, got {shard_rows}")
+    raise errors.ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
   config, _, model, params, step = inference.load_trained(workdir, step, best)
   _, splits = datasets.load(config.data, (split_name,))
   split = splits[split_name]
   mesh = parallel.make_mesh()
   txt, img = inference.extract_features(inference.make_encoders(model, mesh), params, split, mesh,
                                         config.eval.batch_size)
-  os.makedirs(out_dir, exist_ok=True)
-  _remove_previous(out_dir)
-  shards = {kind: write_shards(out_dir, kind, feats, shard_rows, fmt) for kind, feats in zip(KINDS, (img, txt))}
-  _write_jsonl(os.path.join(out_dir, index_file("images")),
-               ({"row": r, "record": r, "path": p, "person_id": int(pid)}
-                for r, (p, pid) in enumerate(zip(split.image_paths, split.person_ids))))
-  _write_jsonl(os.path.join(out_dir, index_file("texts")),
-               ({"row": i, "caption": c, "record": int(r), "person_id": int(split.person_ids[r])}
-                for i, (c, r) in enumerate(zip(split.pair_caption, split.pair_record))))
-  manifest = {"workdir": os.path.abspath(workdir), "step": int(step), "best": best, "split": split_name,
-              "format": fmt, "dim": int(img.shape[1]), "counts": {"images": len(img), "texts": len(txt)},
-              "shards": shards, "config": config.to_dict()}
-  reporting.write_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
-  return manifest
+  rows = {"images": [{"row": r, "record": r, "path": p, "person_id": int(pid)}
+                     for r, (p, pid) in enumerate(zip(split.image_paths, split.person_ids))],
+          "texts": [{"row": i, "caption": c, "record": int(r), "person_id": int(split.person_ids[r])}
+                    for i, (c, r) in enumerate(zip(split.pair_caption, split.pair_record))]}
+  meta = {"source": "split", "workdir": os.path.abspath(workdir), "step": int(step), "best": best,
+          "split": split_name, "config": config.to_dict()}
+  return write_export(out_dir, {"images": img, "texts": txt}, rows, meta, shard_rows, fmt)
 
 
 @dataclasses.dataclass
@@ -158,22 +288,22 @@ class Embeddings:
 
 def _read_shard(path: str, entry: dict, fmt: str, dim: int, verify: bool) -> np.ndarray:
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing (listed in the manifest)")
+    raise errors.MissingPathError(f"{path} is missing (listed in the manifest)")
   if verify and sha256(path) != entry["sha256"]:
-    raise ValueError(f"{path}: sha256 differs from the manifest's; the file changed after export")
+    raise errors.BadInputError(f"{path}: sha256 differs from the manifest's; the file changed after export")
   arr = np.load(path, mmap_mode="r") if fmt == "npy" else safetensors.numpy.load_file(path)[_TENSOR]
   if arr.shape != (entry["rows"], dim) or arr.dtype != np.float32:
-    raise ValueError(f"{path}: {arr.dtype} {arr.shape}, the manifest says float32 {(entry['rows'], dim)}")
+    raise errors.BadInputError(f"{path}: {arr.dtype} {arr.shape}, the manifest says float32 {(entry['rows'], dim)}")
   return arr
 
 
 def _read_jsonl(path: str, rows: int) -> list[dict]:
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing")
+    raise errors.MissingPathError(f"{path} is missing")
   with open(path) as f:
     out = [json.loads(line) for line in f if line.strip()]
   if len(out) != rows:
-    raise ValueError(f"{path}: {len(out)} rows, the manifest says {rows}")
+    raise errors.BadInputError(f"{path}: {len(out)} rows, the manifest says {rows}")
   return out
 
 
@@ -181,7 +311,7 @@ def load(emb_dir: str, verify: bool = True) -> Embeddings:
   """Reads an export; with `verify`, checks every shard's sha256 against the manifest (one pass over the files)."""
   path = os.path.join(emb_dir, MANIFEST_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: {emb_dir} is not an export (python -m dgia_jax.tools.export)")
+    raise errors.MissingPathError(f"{path} is missing: {emb_dir} is not an export (python -m dgia_jax.tools.export)")
   with open(path) as f:
     manifest = json.load(f)
   arrays = {kind: [_read_shard(os.path.join(emb_dir, e["file"]), e, manifest["format"], manifest["dim"], verify)
@@ -216,7 +346,7 @@ def _import_faiss():
   try:
     import faiss  # optional: only `--index faiss` needs it
   except ImportError as e:
-    raise ImportError("FAISS search needs faiss-cpu: pip install faiss-cpu==1.15.1") from e
+    raise errors.MissingDependencyError("FAISS search needs faiss-cpu: pip install faiss-cpu==1.15.1") from e
   return faiss
 
 
@@ -262,4 +392,4 @@ def search_texts(emb: Embeddings, texts: list[str], k: int, index: str = "exact"
     return exact_search(queries, emb.images, k)
   if index == "faiss":
     return faiss_search(queries, faiss_index(emb.images, faiss_factory, nprobe), k)
-  raise ValueError(f"index must be 'exact' or 'faiss', got {index!r}")
+  raise errors.ConfigError(f"index must be 'exact' or 'faiss', got {index!r}")

@@ -16,7 +16,6 @@ from typing import Callable, NamedTuple
 import jax
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from dgia_jax import checkpointing, clustering, inference, objective, parallel, reporting
 from dgia_jax.data.pipeline import Split
@@ -44,7 +43,7 @@ class Hook(NamedTuple):
 
 
 class StepLog:
-  """The loop's metrics and progress bar (process 0).
+  """The loop's metrics and progress (process 0; a bar on a terminal, plain lines in a log).
 
   Every step's metrics and relation counts stay on the device until `flush`, which fetches them
   and writes one `train` record (means, relation figures of the interval, skipped steps, seconds
@@ -55,8 +54,7 @@ class StepLog:
   def __init__(self, writer: reporting.MetricWriter, steps_per_epoch: int, start_step: int, total_steps: int,
                stop_on_nonfinite: bool):
     self._writer, self._steps_per_epoch, self._stop = writer, steps_per_epoch, stop_on_nonfinite
-    self.bar = tqdm(total=total_steps, initial=start_step, disable=not writer.enabled, desc="train",
-                    mininterval=2.0, dynamic_ncols=True)
+    self.bar = reporting.Progress(total_steps, "train", initial=start_step, enabled=writer.enabled)
     self._pending: list[tuple[dict, dict]] = []
     self._epoch_counts: dict[str, float] = {}
     self.restart_clock()
@@ -77,7 +75,7 @@ class StepLog:
 
   def message(self, text: str) -> None:
     if self._writer.enabled:
-      tqdm.write(text)
+      reporting.message(text)
 
   def flush(self, done: int, state=None) -> None:
     """The `train` record of the steps since the last flush; raises FloatingPointError on skipped

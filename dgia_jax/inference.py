@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
-from dgia_jax import checkpointing, metrics, parallel, rundir
+from dgia_jax import checkpointing, errors, metrics, parallel, reporting, rundir
 from dgia_jax.data import datasets
-from dgia_jax.data.pipeline import Split, eval_image_batches, token_batches
+from dgia_jax.data.pipeline import Split, eval_image_batches, row_batches
 from dgia_jax.data.tokenizer import Tokenizer
 from dgia_jax.models import clip
 
@@ -41,13 +40,16 @@ def make_encoders(model: clip.CLIP, mesh):
 
 def _encode_all(encode, params, batches, key: str, mesh, rows: int, global_batch: int) -> np.ndarray:
   """float32 [rows, D]: `encode` over process-local eval batches, gathered on every process, padding
-  dropped; a progress bar on process 0."""
+  dropped; progress on process 0 (a bar that goes away on a terminal; in a log, a line a minute)."""
   feats = []
-  for batch in tqdm(batches, total=-(-rows // global_batch), desc=f"encode {key}", unit="batch", leave=False,
-                    disable=jax.process_index() != 0, mininterval=2.0, dynamic_ncols=True):
+  progress = reporting.Progress(-(-rows // global_batch), f"encode {key}", unit="batch", leave=False,
+                                enabled=jax.process_index() == 0, every=60.0)
+  for batch in batches:
     g = parallel.to_global(batch, mesh)
     f = parallel.to_host(encode(params, g[key]))
     feats.append(f[parallel.to_host(g["valid"])])
+    progress.update()
+  progress.close()
   return np.concatenate(feats)
 
 
@@ -59,8 +61,14 @@ def extract_image_features(encoders, params, split: Split, mesh, global_batch: i
 
 def encode_tokens(encoders, params, tokens: np.ndarray, mesh, global_batch: int) -> np.ndarray:
   """float32 [N, D]: one feature per row of tokens int32 [N, L] (captions or free-text queries)."""
-  batches = token_batches(tokens, global_batch, jax.process_index(), jax.process_count())
+  batches = row_batches(tokens, "tokens", global_batch, jax.process_index(), jax.process_count())
   return _encode_all(encoders[1], params, batches, "tokens", mesh, len(tokens), global_batch)
+
+
+def encode_images(encoders, params, images: np.ndarray, mesh, global_batch: int) -> np.ndarray:
+  """float32 [N, D]: one feature per decoded image uint8 [N, H, W, 3] (`pipeline.decode_image`)."""
+  batches = row_batches(images, "image", global_batch, jax.process_index(), jax.process_count())
+  return _encode_all(encoders[0], params, batches, "image", mesh, len(images), global_batch)
 
 
 def extract_features(encoders, params, split: Split, mesh, global_batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,9 +99,9 @@ def restore_params(workdir: str, step: int | None = None, best: bool = False) ->
   run = rundir.RunDir(workdir)
   directory = run.best if best else run.checkpoints
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir} has no {os.path.basename(directory)}/ folder"
+    raise errors.MissingPathError(f"{workdir} has no {os.path.basename(directory)}/ folder"
                             + (": the run evaluated no validation split" if best else " of checkpoints"))
-  ckpt = checkpointing.Checkpointer(directory, 1, None)
+  ckpt = checkpointing.Checkpointer(directory, read_only=True)
   try:
     step, raw = ckpt.restore_raw(step)
   finally:
@@ -122,6 +130,28 @@ def embed_texts(run: TrainedRun, texts: list[str]) -> np.ndarray:
                        run.config.eval.batch_size)
 
 
+class TextEncoder:
+  """The run's text tower for free-text queries, tokenized as its captions were, compiled once for
+  batches of `batch` queries: fewer are padded, more go in several calls, so no query count ever
+  compiles again. Single-process."""
+
+  def __init__(self, run: TrainedRun, batch: int = 16):
+    self.tokenizer, self.batch, self._params = run.tokenizer, batch, run.params
+    self.max_pieces = run.tokenizer.context_length - 2  # more are cut
+    self._encode = jax.jit(lambda p, tokens: run.model.apply({"params": p}, tokens, method=clip.CLIP.encode_text))
+    self.embed(["warm up"])  # compile now, not at the first query
+
+  def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [Q, D] embeddings, int64 [Q] word pieces of each text before any cut)."""
+    tokens, pieces = self.tokenizer.encode_counted(texts, "query")
+    feats = []
+    for start in range(0, len(tokens), self.batch):
+      part = tokens[start:start + self.batch]
+      padded = np.concatenate([part, np.repeat(part[-1:], self.batch - len(part), axis=0)])
+      feats.append(np.asarray(self._encode(self._params, padded))[:len(part)])
+    return np.concatenate(feats), pieces
+
+
 def evaluate_run(workdir: str, split: str = "test", step: int | None = None, best: bool = False,
                  dataset: str = "", manual_dir: str = "") -> dict:
   """Retrieval figures of a trained run's checkpoint on `split` of its data set, or of benchmark
@@ -137,7 +167,7 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None, bes
   if dataset and dataset != data_cfg.name:
     data_cfg = datasets.cross_domain(data_cfg, dataset, manual_dir, datasets.tokenizer_path(data_cfg))
   elif manual_dir:
-    raise ValueError(f"manual_dir is for another data set (--dataset); the run's own, '{data_cfg.name}', is read "
+    raise errors.ConfigError(f"manual_dir is for another data set (--dataset); the run's own, '{data_cfg.name}', is read "
                      f"from {data_cfg.data_dir} as it trained")
   _, splits = datasets.load(data_cfg, (split,))
   data = splits[split]

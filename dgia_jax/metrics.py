@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_RANK = 10
+METRIC_NAMES = ("R1", "R5", f"R{MAX_RANK}", "mAP", "mINP")
 _BLOCK_ELEMENTS = 1 << 25  # block rows × max positives × gallery size per jitted call
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from dgia_jax import identity_graph, losses, perturb
+from dgia_jax import errors, identity_graph, losses, perturb
 from dgia_jax.models import clip
 
 TERMS = ("itc", "lrc", "iasc", "gsrc")  # config.loss switches, summed in this order
@@ -119,13 +119,13 @@ CHOICES = {("relations", "compare"): (">=", ">"), ("iasc", "relations"): ("clean
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Refuses, naming the key, an objective option with no meaning."""
   if not any(config.loss[name] for name in TERMS):
-    raise ValueError(f"no loss is enabled in config.loss (set one of {', '.join(f'loss.{t}' for t in TERMS)})")
+    raise errors.ConfigError(f"no loss is enabled in config.loss (set one of {', '.join(f'loss.{t}' for t in TERMS)})")
   for (section, key), values in CHOICES.items():
     if config[section][key] not in values:
-      raise ValueError(f"{section}.{key} must be one of {', '.join(map(repr, values))}, got {config[section][key]!r}")
+      raise errors.ConfigError(f"{section}.{key} must be one of {', '.join(map(repr, values))}, got {config[section][key]!r}")
   clusters = config.relations.clusters
   if clusters.enabled and clusters.mode not in ("or", "replace"):
-    raise ValueError(f"relations.clusters.mode must be 'or' or 'replace', got {clusters.mode!r}")
+    raise errors.ConfigError(f"relations.clusters.mode must be 'or' or 'replace', got {clusters.mode!r}")
 
 
 @dataclasses.dataclass(frozen=True)

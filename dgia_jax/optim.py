@@ -9,6 +9,8 @@ import jax
 import ml_collections
 import optax
 
+from dgia_jax import errors
+
 
 SCHEDULE_UNITS = ("step", "epoch")
 
@@ -20,7 +22,7 @@ def lr_schedule(tcfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.
   stepped once an epoch) holds each epoch at the rate of its first step.
   """
   if tcfg.schedule_per not in SCHEDULE_UNITS:
-    raise ValueError(f"train.schedule_per must be one of {SCHEDULE_UNITS}, got {tcfg.schedule_per!r}")
+    raise errors.ConfigError(f"train.schedule_per must be one of {SCHEDULE_UNITS}, got {tcfg.schedule_per!r}")
   warm = int(round(tcfg.warmup_epochs * steps_per_epoch))
   total = tcfg.epochs * steps_per_epoch
   cosine = optax.cosine_decay_schedule(tcfg.lr, max(1, total - warm), alpha=tcfg.min_lr / tcfg.lr)

@@ -7,6 +7,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dgia_jax import errors
+
 DATA_AXIS = "data"
 
 
@@ -20,7 +22,7 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
   """
   if coordinator_address:
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise ValueError(f"--coordinator_address needs --num_processes >= 1 and 0 <= --process_id < num_processes; "
+      raise errors.ConfigError(f"--coordinator_address needs --num_processes >= 1 and 0 <= --process_id < num_processes; "
                        f"got num_processes={num_processes}, process_id={process_id}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
@@ -62,7 +64,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_divisible(global_batch: int, mesh: Mesh, what: str = "train.batch_size") -> None:
   n = mesh.devices.size
   if global_batch % n:
-    raise ValueError(f"{what}={global_batch} is not divisible by the {n} devices of the mesh; "
+    raise errors.ConfigError(f"{what}={global_batch} is not divisible by the {n} devices of the mesh; "
                      f"use a multiple of {n}")
 
 

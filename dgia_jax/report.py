@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dgia_jax import gallery  # noqa: E402
+from dgia_jax import errors, gallery  # noqa: E402
 from dgia_jax.data import datasets  # noqa: E402
 
 HTML_FILE, PNG_FILE, IMAGES_DIR = "report.html", "report.png", "images"
@@ -58,7 +58,7 @@ def load_images(emb: gallery.Embeddings, rows: np.ndarray) -> dict[int, np.ndarr
   for row in np.unique(rows):
     path = emb.image_index[row]["path"]
     if split.image_paths[row] != path:
-      raise ValueError(f"image row {row} of {emb.path} is {path}, but split '{split_name}' of the data set has "
+      raise errors.BadInputError(f"image row {row} of {emb.path} is {path}, but split '{split_name}' of the data set has "
                        f"{split.image_paths[row]} there: the data set changed since export")
     images[int(row)] = split.load_image(int(row))
   return images
@@ -113,6 +113,9 @@ def plot_grid(emb: gallery.Embeddings, found: dict[str, np.ndarray], images: dic
 
 def write_report(emb: gallery.Embeddings, out_dir: str, num_queries: int = 8, k: int = 5, seed: int = 0) -> dict:
   """Writes report.html, report.png and images/ into `out_dir`; returns what was found (`top_k_of_sample`)."""
+  if not emb.text_index:
+    raise errors.BadInputError(f"{emb.path} holds no captions (an export of own images): the report samples a "
+                               "split's captions; search it with text instead (tools.search, tools.serve)")
   found = top_k_of_sample(emb, num_queries, k, seed)
   images = load_images(emb, found["rows"])
   os.makedirs(os.path.join(out_dir, IMAGES_DIR), exist_ok=True)

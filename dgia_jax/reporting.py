@@ -1,51 +1,158 @@
-"""Metrics to a JSONL file, results as JSON, and training curves as PNG."""
+"""Metrics to a JSONL file and to TensorBoard, results as JSON, training curves as PNG, and progress
+that reads well in a terminal (tqdm's bars) and in a log file (plain periodic lines)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
+import time
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dgia_jax import rundir  # noqa: E402
+import tensorboardX  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dgia_jax import errors, rundir  # noqa: E402
+
+
+def interactive() -> bool:
+  """Whether progress goes to a terminal (stderr), so bars can redraw in place."""
+  return sys.stderr.isatty()
+
+
+class Progress:
+  """Progress of `total` units: tqdm's bar on a terminal; elsewhere (a log file) one plain line
+  every `every` seconds — done / total, the postfix, rate and ETA — and one at the end (unless
+  `leave` is False). `enabled=False` shows nothing (processes other than 0)."""
+
+  def __init__(self, total: int, desc: str, unit: str = "step", initial: int = 0, enabled: bool = True,
+               leave: bool = True, every: float = 30.0):
+    self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, mininterval=2.0,
+                     dynamic_ncols=True, disable=not enabled) if enabled and interactive() else None
+    self._plain = enabled and self._bar is None
+    self.total, self.done, self.desc, self.unit, self.leave, self.every = total, initial, desc, unit, leave, every
+    self._start_done, self._start = initial, time.perf_counter()
+    self._last_line, self._postfix = self._start, ""
+
+  def update(self, n: int = 1) -> None:
+    self.done += n
+    if self._bar is not None:
+      self._bar.update(n)
+    elif self._plain and time.perf_counter() - self._last_line >= self.every:
+      self._line()
+
+  def set_postfix(self, **values: str) -> None:
+    self._postfix = " ".join(f"{k} {v}" for k, v in values.items())
+    if self._bar is not None:
+      self._bar.set_postfix(**values)
+
+  def _line(self) -> None:
+    now = time.perf_counter()
+    rate = (self.done - self._start_done) / max(now - self._start, 1e-9)
+    eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+    parts = [f"{self.desc}: {self.unit} {self.done}/{self.total} ({100.0 * self.done / max(self.total, 1):.0f}%)",
+             self._postfix, f"{rate:.2f} {self.unit}s/s", f"ETA {eta_text}"]
+    print(" | ".join(p for p in parts if p), file=sys.stderr, flush=True)
+    self._last_line = now
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    elif self._plain and self.leave and self.done > self._start_done:
+      self._line()
+    self._plain = False
+
+
+def message(text: str) -> None:
+  """A line of the run's story (an evaluation, the epoch's relations), printed between progress updates."""
+  tqdm.write(text) if interactive() else print(text, flush=True)
+
+
+def tensorboard_scalars(record: dict) -> dict[str, float]:
+  """The TensorBoard scalars of a metric record: `train/loss_itc`, `test/t2i/R1`, `relations/lrc_precision`, ..."""
+  kind = record["kind"]
+  prefix = record["split"] if kind == "eval" else kind
+  flat = {}
+  for key, value in record.items():
+    if key in ("kind", "step", "epoch", "split"):
+      continue
+    if isinstance(value, dict):
+      flat.update({f"{prefix}/{key}/{k}": v for k, v in value.items()})
+    else:
+      flat[f"{prefix}/{key}"] = value
+  return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 class MetricWriter:
-  """The run's records: kept in memory on every process (evaluation and plots read them back) and
-  appended to metrics.jsonl by process 0 (`enabled`).
+  """The run's records: kept in memory on every process (evaluation and plots read them back),
+  appended to metrics.jsonl by process 0 (`enabled`) and written there as TensorBoard scalars
+  too (event files in the workdir: `tensorboard --logdir runs/`).
 
   A resumed run starts from the records up to the step it resumes at; any written after it
-  (lost with an unsaved tail of steps) are dropped from the file too.
+  (lost with an unsaved tail of steps) are dropped from the file, and TensorBoard hides them.
   """
 
   def __init__(self, run: rundir.RunDir, resume_step: int, enabled: bool = True):
     self.path = run.metrics
     self.enabled = enabled
     self.records = [r for r in run.records() if r["step"] <= resume_step]
+    self._board = None
     if enabled:
-      with open(self.path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in self.records)
+      def write(tmp):
+        with open(tmp, "w") as f:
+          f.writelines(json.dumps(r) + "\n" for r in self.records)
+
+      replace_whole(self.path, write)
+      self._board = tensorboardX.SummaryWriter(run.path, purge_step=resume_step + 1 if resume_step else None,
+                                               flush_secs=10)
 
   def write(self, record: dict) -> None:
     self.records.append(record)
     if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      try:
+        with open(self.path, "a") as f:
+          f.write(json.dumps(record) + "\n")
+      except OSError as e:
+        raise errors.WriteError(f"could not append to {self.path}: {e}") from e
+      for tag, value in tensorboard_scalars(record).items():
+        self._board.add_scalar(tag, value, record["step"])
 
   def of_kind(self, kind: str) -> list[dict]:
     return [r for r in self.records if r["kind"] == kind]
 
+  def close(self) -> None:
+    if self._board is not None:
+      self._board.close()
+
+
+def replace_whole(path: str, write) -> None:
+  """Writes `path` whole or not at all: `write(tmp_path)` then a rename. If it fails (disk full,
+  file-size limit, read-only target), raises WriteError naming `path`; a file already there is intact."""
+  tmp = path + ".tmp"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    kept = "; the previous one is intact" if os.path.exists(path) else ""
+    raise errors.WriteError(f"could not write {path}: {e}{kept}") from e
+
 
 def write_json(path: str, obj) -> None:
-  """`obj` as indented JSON at `path`, written whole or not at all (a temporary file renamed)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=str)
-  os.replace(tmp, path)
+  """`obj` as indented JSON at `path`, written whole or not at all (`replace_whole`)."""
+
+  def write(tmp):
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1, default=str)
+
+  replace_whole(path, write)
 
 
 def plot_curves(records: list[dict], path: str, title: str = "") -> None:
@@ -76,10 +183,10 @@ def plot_curves(records: list[dict], path: str, title: str = "") -> None:
     ax_eval.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    replace_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+  finally:
+    plt.close(fig)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

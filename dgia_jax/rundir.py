@@ -19,6 +19,8 @@ import os
 
 import ml_collections
 
+from dgia_jax import errors
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -52,7 +54,7 @@ class RunDir:
 
   def read_config(self) -> ml_collections.ConfigDict:
     if not os.path.exists(self.config_file):
-      raise FileNotFoundError(f"{self.path} is not a training workdir: {CONFIG_FILE} is missing")
+      raise errors.MissingPathError(f"{self.path} is not a training workdir: {CONFIG_FILE} is missing")
     with open(self.config_file) as f:
       return ml_collections.ConfigDict(json.load(f))
 
@@ -66,11 +68,19 @@ class RunDir:
       return json.load(f)
 
   def records(self, kind: str | None = None) -> list[dict]:
-    """The records of metrics.jsonl (of `kind` only, if given), in order."""
+    """The records of metrics.jsonl (of `kind` only, if given), in order. A last line cut short (a
+    write the process did not finish) is left out; a damaged line before it is an error."""
     if not os.path.exists(self.metrics):
       return []
     with open(self.metrics) as f:
-      records = [json.loads(line) for line in f if line.strip()]
+      lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+      try:
+        records.append(json.loads(line))
+      except ValueError as e:
+        if i < len(lines) - 1:
+          raise errors.BadInputError(f"{self.metrics}: line {i + 1} is not a JSON record: {e}") from e
     return [r for r in records if kind in (None, r["kind"])]
 
   def evaluation_file(self, dataset: str, split: str, step: int, best: bool) -> str:

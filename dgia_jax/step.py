@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dgia_jax import identity_graph, objective as objective_lib, parallel
+from dgia_jax import errors, identity_graph, objective as objective_lib, parallel
 from dgia_jax.models import clip
 
 
@@ -74,15 +74,16 @@ def init_state(model: clip.CLIP, tx: optax.GradientTransformation, seed: int, ba
 
   shapes = jax.eval_shape(init, params)
   layout = shardings(shapes, mesh).state
-  if abstract:
-    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes, layout)
+  if abstract:  # each sharding of the (prefix) layout onto every array under it
+    return jax.tree.map(lambda sharding, sub: jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), sub), layout, shapes)
   return jax.jit(init, out_shardings=layout)(params)
 
 
 def check_micro_batch(batch_size: int, micro_batch: int, devices: int) -> None:
   """Refuses a micro-batch (0: off) that does not divide the batch or that the devices do not divide."""
   if micro_batch < 0 or (micro_batch and (batch_size % micro_batch or micro_batch % devices)):
-    raise ValueError(f"train.micro_batch={micro_batch} must divide train.batch_size={batch_size} and be a multiple "
+    raise errors.ConfigError(f"train.micro_batch={micro_batch} must divide train.batch_size={batch_size} and be a multiple "
                      f"of the {devices} devices (each micro-batch is split over them), or 0 (off)")
 
 

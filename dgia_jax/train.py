@@ -16,19 +16,34 @@ import jax
 import ml_collections
 import numpy as np
 
-from dgia_jax import (build, checkpointing, cli, evaluators, hooks, identity_graph, inference, parallel, reporting,
-                      rundir)
+from dgia_jax import (build, checkpointing, cli, errors, evaluators, hooks, identity_graph, inference, metrics,
+                      objective, parallel, reporting, rundir)
+from dgia_jax import step as step_lib
 from dgia_jax.data import datasets
 from dgia_jax.data.pipeline import EpochOrder, Split, train_batches
 from dgia_jax.models import clip
 
 
+# Loop settings that must be positive.
+POSITIVE = ("train.batch_size", "train.epochs", "train.lr", "train.log_every", "eval.batch_size", "eval.every_epochs",
+            "checkpoint.every_steps", "checkpoint.keep")
+
+
 def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Refuses, naming the key, a loop setting with no meaning."""
+  for key in POSITIVE:
+    section, name = key.split(".")
+    if not config[section][name] > 0:
+      raise errors.ConfigError(f"{key}={config[section][name]} must be positive")
+  if config.eval.select_metric not in metrics.METRIC_NAMES:
+    raise errors.ConfigError(f"eval.select_metric must be one of {', '.join(metrics.METRIC_NAMES)}, "
+                             f"got {config.eval.select_metric!r}")
   if config.train.on_nonfinite not in ("skip", "stop"):
-    raise ValueError(f"train.on_nonfinite must be 'skip' or 'stop', got {config.train.on_nonfinite!r}")
+    raise errors.ConfigError(f"train.on_nonfinite must be 'skip' or 'stop', got {config.train.on_nonfinite!r}")
   parallel.check_divisible(config.train.batch_size, mesh)
   parallel.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+  step_lib.check_micro_batch(config.train.batch_size, config.train.micro_batch, mesh.devices.size)
+  objective.check_config(config)
 
 
 def open_data(config: ml_collections.ConfigDict):
@@ -84,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_split = splits[config.data.train_split]
   order = EpochOrder(train_split.num_pairs, config.train.batch_size, config.seed)
   if order.steps_per_epoch == 0:
-    raise ValueError(f"train.batch_size={config.train.batch_size} exceeds the {train_split.num_pairs} training pairs")
+    raise errors.ConfigError(f"train.batch_size={config.train.batch_size} exceeds the {train_split.num_pairs} training pairs")
   spe, total_steps = order.steps_per_epoch, config.train.epochs * order.steps_per_epoch
   ckpt = checkpointing.Checkpointer(run.checkpoints, config.checkpoint.every_steps, config.checkpoint.keep)
   fresh = ckpt.latest_step() is None
@@ -120,22 +135,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # The loop.
   started = time.time()
-  for step in range(start_step, total_steps):
-    if recluster.due(step):
-      state = recluster(step, state)
-      log.restart_clock()  # step timing leaves clustering out
-    batch = log.next_batch(batches)
-    state, metrics, counts = built.step(state, parallel.to_global(batch, mesh), pair_pids)
-    log.add(metrics, counts)
-    for hook in after_step:
-      if hook.due(step + 1):
-        hook.run(step + 1, state)
-        if not hook.timed:
-          log.restart_clock()
+  try:
+    for step in range(start_step, total_steps):
+      if recluster.due(step):
+        state = recluster(step, state)
+        log.restart_clock()  # step timing leaves clustering out
+      batch = log.next_batch(batches)
+      state, metrics, counts = built.step(state, parallel.to_global(batch, mesh), pair_pids)
+      log.add(metrics, counts)
+      for hook in after_step:
+        if hook.due(step + 1):
+          hook.run(step + 1, state)
+          if not hook.timed:
+            log.restart_clock()
+  except BaseException:  # preempted, a failed write, a stop on non-finite steps: pending writes end first
+    log.close()
+    for closing in (ckpt.close, evaluation.close):
+      closing(quiet=True)
+    writer.close()
+    raise
 
   # Teardown.
   log.close()
   ckpt.close()
+  writer.close()
   results = {
       **evaluation.results(state.params, total_steps, config.train.epochs),
       "steps": total_steps,

@@ -21,3 +21,15 @@ def data_dir(tmp_path_factory) -> str:
 @pytest.fixture
 def tiny_config(data_dir):
   return helpers.tiny_config(data_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_dir) -> str:
+  """The workdir of the tiny config trained for one epoch: what exports, evaluation and the service read."""
+  from dgia_jax import train
+
+  cfg = helpers.tiny_config(data_dir)
+  cfg.train.epochs = 1
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  train.train_and_evaluate(cfg, workdir)
+  return workdir

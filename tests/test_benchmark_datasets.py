@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -66,7 +67,7 @@ def test_builds_every_record_of_the_original_layout(tmp_path, clip_folder, name,
   assert test.pair_caption == [c for a in test_annos for c in a["captions"]]
   assert test.pair_person_ids.tolist() == [a["id"] for a in test_annos for _ in a["captions"]]
   assert test.image_paths == [a[layout.path_key] for a in test_annos]
-  queries = list(pipeline.token_batches(test.tokens, 4))
+  queries = list(pipeline.row_batches(test.tokens, "tokens", 4))
   assert sum(int(b["valid"].sum()) for b in queries) == len(test.pair_caption)
   np.testing.assert_array_equal(np.concatenate([b["tokens"][b["valid"]] for b in queries]),
                                 tokenizer.encode(test.pair_caption))
@@ -202,3 +203,67 @@ def test_lenient_command_skips_lists_and_summarises(tmp_path):
   train_indices = [i for i, a in enumerate(annos) if a.get("split") == "train"]
   kept_train = [i for i in train_indices if i not in bad]
   assert [int(source[r]["image_id"]) for r in range(len(source))] == [train_indices.index(i) for i in kept_train]
+
+
+def _without_splits(annos: list[dict]) -> list[dict]:
+  """The records as CUHK-PEDES' caption_all.json has them: no split, ids in the standard ranges."""
+  first_id = {"train": 1, "val": 11004, "test": 12004}
+  old_ids = {s: sorted({a["id"] for a in annos if a["split"] == s}) for s in first_id}
+  new_id = {(s, pid): first_id[s] + i for s, pids in old_ids.items() for i, pid in enumerate(pids)}
+  return [{k: v for k, v in dict(a, id=new_id[a["split"], a["id"]]).items() if k != "split"} for a in annos]
+
+
+@pytest.mark.parametrize("json_name", ["caption_all.json", "CUHK-PEDES.json"])
+def test_caption_all_without_a_split_gets_the_standard_split_by_person_id(tmp_path, clip_folder, capsys, json_name):
+  root, data_dir = str(tmp_path / "orig"), str(tmp_path / "tfds")
+  annos = write_fixture(root, "cuhk_pedes")
+  os.remove(os.path.join(root, "reid_raw.json"))
+  write_annotations(root, "cuhk_pedes", _without_splits(annos), json_name)
+  builder = datasets.get_builder(_data_config("cuhk_pedes", data_dir, root, clip_folder), prepare=True)
+  out = capsys.readouterr().out
+  assert (f"cuhk_pedes: {root}/{json_name} has no split field; applied the standard split by person id "
+          "(train 1–11,003, val 11,004–12,003, test 12,004–13,003)") in out
+  for split in ("train", "val", "test"):
+    source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    assert [s["path"].decode() for s in (source[i] for i in range(len(source)))] == [
+        a["file_path"] for a in annos if a["split"] == split]
+
+
+def test_caption_all_with_ids_outside_the_standard_split_asks_for_a_split_field(tmp_path):
+  root = str(tmp_path / "orig")
+  records = _without_splits(write_fixture(root, "cuhk_pedes"))
+  records[3]["id"] = 20001
+  write_annotations(root, "cuhk_pedes", records, "caption_all.json")
+  os.remove(os.path.join(root, "reid_raw.json"))
+  with pytest.raises(benchmarks.SourceInvalid, match=r"caption_all.json has no split field and 1 records have ids "
+                                                     r"outside the standard split .*record 3: id 20001.*add a 'split'"):
+    benchmarks.scan(root, benchmarks.CuhkPedes.LAYOUT)
+
+
+def test_published_statistics_are_compared_and_known_causes_named(tmp_path, clip_folder, capsys):
+  root, data_dir = str(tmp_path / "orig"), str(tmp_path / "tfds")
+  write_fixture(root, "rstpreid")
+  datasets.get_builder(_data_config("rstpreid", data_dir, root, clip_folder), prepare=True)
+  out = capsys.readouterr().out
+  assert "warning: rstpreid split 'train' holds 6 images (published: 18,505), 3 ids (published: 3,701)" in out
+  layout = benchmarks.Rstpreid.LAYOUT
+  older = {"train": {"images": 19505, "ids": 3901}, "val": {"images": 500, "ids": 100},
+           "test": {"images": 500, "ids": 100}}
+  warnings = benchmarks.published_differences(layout, "rstpreid", older)
+  assert len(warnings) == 4 and "the older RSTPReid release (3,901 / 100 / 100" in warnings[-1]
+  exact = {s: dict(values) for s, values in layout.published}
+  assert benchmarks.published_differences(layout, "rstpreid", exact) == []
+
+
+def test_published_statistics_name_missing_image_folders(tmp_path, clip_folder, capsys):
+  root, data_dir = str(tmp_path / "orig"), str(tmp_path / "tfds")
+  annos = write_fixture(root, "cuhk_pedes")
+  shutil.rmtree(os.path.join(root, "imgs", "CUHK03"))  # a folder not extracted (anosorae/IRRA#49)
+  missing = sum(a["file_path"].startswith("CUHK03/") for a in annos)
+  with pytest.raises(benchmarks.SourceInvalid, match=rf"{missing} image files are missing, under imgs/CUHK03/ "
+                                                     rf"\({missing}\): a folder that was not extracted"):
+    datasets.get_builder(_data_config("cuhk_pedes", data_dir, root, clip_folder), prepare=True)
+  cfg = _data_config("cuhk_pedes", data_dir, root, clip_folder)
+  cfg.strict = False
+  datasets.get_builder(cfg, prepare=True)
+  assert f"warning: {missing} image files are missing, under imgs/CUHK03/" in capsys.readouterr().out

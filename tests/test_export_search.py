@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dgia_jax import checkpointing, gallery, inference, metrics, parallel, report, reporting, rundir, train
-from dgia_jax.data import datasets
+from dgia_jax import checkpointing, errors, gallery, inference, metrics, parallel, report, reporting, rundir
+from dgia_jax.data import datasets, pipeline
 from tests import benchmark_fixtures, helpers, test_structure
 
 
@@ -26,12 +26,8 @@ def _cli(module, *args):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, data_dir):
-  cfg = helpers.tiny_config(data_dir)
-  cfg.train.epochs = 1
-  workdir = str(tmp_path_factory.mktemp("run"))
-  train.train_and_evaluate(cfg, workdir)
-  return workdir
+def run(tiny_run):
+  return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +277,83 @@ def test_inference_programs_run_without_loading_the_trainer(run, exported, tmp_p
     out, loaded = test_structure.run_listing_training_modules(f"dgia_jax.tools.{name}", *args)
     assert "EXIT 0" in out, out[-3000:]
     assert loaded == [], f"tools.{name} loaded {loaded}"
+
+
+_EXPORT_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))  # every shard of the tiny export is larger
+sys.argv = ["export", "--workdir", WORKDIR, "--out", OUT, "--shard_rows", "10", "--compilation_cache_dir="]
+runpy.run_module("dgia_jax.tools.export", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_failed_export_write_is_named_and_the_previous_export_stays(run, exported, tmp_path):
+  copy = str(tmp_path / "emb")
+  shutil.copytree(exported[0], copy)
+  before = {name: open(os.path.join(copy, name), "rb").read() for name in os.listdir(copy)}
+  code = _EXPORT_UNDER_A_FILE_SIZE_LIMIT.replace("WORKDIR", repr(run)).replace("OUT", repr(copy))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=helpers.ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "PYTHONPATH": helpers.ROOT})
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f"error: could not write the export to {copy}: [Errno 27] File too large; the export there before is intact")
+  assert {name: open(os.path.join(copy, name), "rb").read() for name in os.listdir(copy)} == before
+  gallery.load(copy)  # every shard's sha256 still matches its manifest
+
+
+def _own_images(folder) -> dict[str, bytes]:
+  """A folder as a user has it: nested folders, JPEG/PNG/WebP in any case, a broken file, a note."""
+  files = {}
+  for i, (name, fmt) in enumerate([("street/a.jpg", "JPEG"), ("street/cam2/b.png", "PNG"), ("c.webp", "WEBP"),
+                                   ("D.JPG", "JPEG")]):
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20 + 4 * i, 48), (40 * i, 200 - 30 * i, 90)).save(path, format=fmt)
+    files[name] = path.read_bytes()
+  (folder / "street" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+  (folder / "notes.txt").write_text("not an image, not listed")
+  return files
+
+
+def test_export_of_own_images_lists_the_unreadable_and_embeds_only_what_changed(run, tmp_path):
+  folder, out = tmp_path / "crops", str(tmp_path / "emb_mine")
+  files = _own_images(folder)
+  first = gallery.export_images(run, str(folder), out, shard_rows=3)
+  assert first["source"] == "images" and first["counts"] == {"images": 4, "texts": 0}
+  assert (first["embedded"], first["reused"]) == (4, 0)
+  assert [u["path"] for u in first["unreadable"]] == ["street/broken.png"] and "cannot decode" in first["unreadable"][0]["error"]
+  emb = gallery.load(out)
+  assert [r["path"] for r in emb.image_index] == ["D.JPG", "c.webp", "street/a.jpg", "street/cam2/b.png"]
+  assert all("person_id" not in r for r in emb.image_index)
+  config, _, model, params, _ = inference.load_trained(run)
+  mesh = parallel.make_mesh()
+  decoded = np.stack([pipeline.decode_image(files["c.webp"], tuple(config.data.image_size), config.data.resize)])
+  np.testing.assert_array_equal(  # the eval transforms and the image tower, as the evaluator's
+      np.concatenate(emb.images)[1], inference.encode_images(inference.make_encoders(model, mesh), params, decoded,
+                                                             mesh, config.eval.batch_size)[0])
+
+  proc = _cli("export", "--workdir", run, "--images", str(folder), "--out", out)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "exported 4 images of" in proc.stdout and "(0 embedded now, 4 unchanged since the last export)" in proc.stdout
+  assert "unreadable, not exported: street/broken.png: cannot decode image" in proc.stdout
+
+  Image.new("RGB", (30, 60), (1, 2, 3)).save(folder / "street" / "e.jpg")  # the folder gained a file
+  (folder / "c.webp").unlink()  # and lost one
+  again = gallery.export_images(run, str(folder), out, shard_rows=3)
+  assert (again["embedded"], again["reused"], again["counts"]["images"]) == (1, 3, 4)
+  later = gallery.load(out)
+  assert [r["path"] for r in later.image_index] == ["D.JPG", "street/a.jpg", "street/cam2/b.png", "street/e.jpg"]
+  before = dict(zip([r["path"] for r in emb.image_index], np.concatenate(emb.images)))
+  for r, f in zip(later.image_index, np.concatenate(later.images)):
+    if r["path"] in before:
+      np.testing.assert_array_equal(f, before[r["path"]])  # kept as they were, not re-embedded
+  scores, rows = gallery.search_texts(later, ["a man in a red coat"], k=2)
+  assert rows.shape == (1, 2) and set(rows[0]) <= set(range(4))
+
+
+def test_export_of_own_images_errors_name_the_folder(run, tmp_path):
+  with pytest.raises(errors.MissingPathError, match=f"--images {tmp_path}/none is not a folder"):
+    gallery.export_images(run, str(tmp_path / "none"), str(tmp_path / "out"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(errors.BadInputError, match="holds no image files"):
+    gallery.export_images(run, str(tmp_path / "empty"), str(tmp_path / "out"))

@@ -1,6 +1,9 @@
 """Multi-process training, exact resume after SIGTERM/SIGKILL, and the non-finite guard."""
 
+import glob
 import os
+import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from dgia_jax import checkpointing, inference, optim, parallel, rundir, train
+from dgia_jax import checkpointing, errors, inference, optim, parallel, rundir, train
 from dgia_jax import step as step_lib
 from dgia_jax.data import datasets
 from tests import helpers
@@ -198,3 +201,114 @@ def test_non_finite_steps_are_skipped_or_stop_the_run(tmp_path, tiny_config):
   tiny_config.train.on_nonfinite = "stop"
   with pytest.raises(FloatingPointError, match=r"non-finite loss or gradients in 1 of steps 1..1"):
     train.train_and_evaluate(tiny_config, str(tmp_path / "stop"))
+
+
+# ---- damaged checkpoints, failed writes -----------------------------------------------------
+
+def _largest_data_file(step_dir: str) -> str:
+  files = glob.glob(os.path.join(step_dir, "**", "d", "*"), recursive=True)
+  return max(files, key=os.path.getsize)
+
+
+def _damage(step_dir: str, how: str) -> None:
+  """Damages a committed checkpoint as a failing disk or a careless hand would."""
+  path = _largest_data_file(step_dir)
+  if how == "truncate":
+    os.truncate(path, 100)
+  else:
+    os.remove(path)
+
+
+def _tiny(cfg, epochs):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.epochs, cfg.checkpoint.every_steps, cfg.checkpoint.keep = epochs, 1, 3
+  return cfg
+
+
+def test_resume_checkpoint_fallback_restores_the_newest_that_reads(tmp_path, tiny_config, caplog):
+  """The newest checkpoint of a finished run damaged; the rerun restores the one before, trains the
+  last step again and ends with the original state, bit for bit."""
+  reference = str(tmp_path / "reference")
+  train.train_and_evaluate(_tiny(tiny_config, 3), reference)
+  final = _final_state(reference)
+  for how in ("truncate", "delete"):
+    workdir = str(tmp_path / how)
+    shutil.copytree(reference, workdir)
+    _damage(os.path.join(workdir, "checkpoints", "12"), how)
+    caplog.clear()
+    train.train_and_evaluate(_tiny(tiny_config, 3), workdir)
+    warned = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"checkpoint step 12 in {workdir}/checkpoints"), warned
+    assert [n.split("-")[0] for n in os.listdir(os.path.join(workdir, "checkpoints", "damaged"))] == ["12"]
+    _assert_same_state(_final_state(workdir), final)
+    steps = [r["step"] for r in rundir.RunDir(workdir).records("train")]
+    assert steps == list(range(1, 13)), how
+
+
+def test_resume_checkpoint_fallback_when_none_reads_is_an_error_naming_each(tmp_path, tiny_config):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(_tiny(tiny_config, 2), workdir)
+  for step in (6, 7, 8):
+    _damage(os.path.join(workdir, "checkpoints", str(step)), "truncate")
+  with pytest.raises(errors.BadInputError, match=r"no checkpoint in .*checkpoints can be restored: step 8: .*; "
+                                                 r"step 7: .*; step 6: "):
+    train.train_and_evaluate(_tiny(tiny_config, 3), workdir)
+  assert sorted(n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()) == ["6", "7", "8"]
+
+
+def test_best_checkpoint_fallback_for_evaluate_export_and_search(tmp_path, tiny_config, caplog):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(_tiny(tiny_config, 1), workdir)
+  best = checkpointing.Checkpointer(rundir.RunDir(workdir).best, 1, 2, async_save=False)
+  _, raw = best.restore_raw()
+  best.save(100, raw, force=True)  # a newer best epoch
+  best.close()
+  _damage(os.path.join(workdir, "best", "100"), "truncate")
+  older = inference.load_trained(workdir, best=True)  # what evaluate, export and search read
+  assert older.step == 4 and any("checkpoint step 100" in r.getMessage() for r in caplog.records)
+  assert sorted(os.listdir(os.path.join(workdir, "best"))) == ["100", "4"]  # inference changes nothing
+  _damage(os.path.join(workdir, "best", "4"), "delete")
+  with pytest.raises(errors.BadInputError, match="step 100: .*; step 4: "):
+    inference.load_trained(workdir, best=True)
+
+
+_FILE_SIZE_LIMIT = 80_000  # bytes: metrics, curves and results fit; a checkpoint's data files do not
+
+
+def _limited(limit: int = _FILE_SIZE_LIMIT):
+  return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_failed_checkpoint_write_is_named_and_the_last_good_checkpoint_stays(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  code, out = _finish(_main(_write_config(tmp_path, data_dir, epochs=1), workdir, "--compilation_cache_dir="))
+  assert code == 0, out
+  results = open(os.path.join(workdir, "results.json"), "rb").read()
+  before = _final_state(workdir)
+  proc = subprocess.run([sys.executable, "-m", "dgia_jax.main", "--config", _write_config(tmp_path, data_dir, epochs=2),
+                         "--workdir", workdir, "--compilation_cache_dir="], cwd=helpers.ROOT, env=_env(1),
+                        capture_output=True, text=True, timeout=300, preexec_fn=_limited())
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  message = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+  assert message.startswith(f"error: could not write a checkpoint to {workdir}/checkpoints") and "File too large" in message
+  _assert_same_state(_final_state(workdir), before)  # step 4, as it was
+  assert open(os.path.join(workdir, "results.json"), "rb").read() == results
+
+
+_WRITE_JSON = """
+import json, resource, sys
+from dgia_jax import errors, reporting
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+try:
+  reporting.write_json(sys.argv[1], {"figures": "x" * 5000})
+except errors.WriteError as e:
+  print("WriteError:", e)
+"""
+
+
+def test_a_failed_results_write_is_named_and_the_previous_file_stays(tmp_path):
+  path = tmp_path / "results.json"
+  path.write_text('{"final": "the previous results"}')
+  proc = helpers.run_python(_WRITE_JSON.replace("sys.argv[1]", repr(str(path))))
+  assert f"WriteError: could not write {path}: [Errno 27] File too large; the previous one is intact" in proc.stdout
+  assert path.read_text() == '{"final": "the previous results"}' and os.listdir(tmp_path) == ["results.json"]

@@ -1,8 +1,5 @@
 """Global granularity: banks, anchor search, edge reweighting, global loss, and their sharding."""
 
-import os
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -64,3 +64,23 @@ def test_compilation_cache_is_reused_by_the_next_run(tmp_path):
 
 def test_compilation_cache_can_be_turned_off(tmp_path):
   assert _cache_probe("--compilation_cache_dir=") == {"dir": "", "hits": "0", "misses": "0"}
+
+
+def test_a_log_file_gets_plain_progress_lines_not_redraws(tmp_path, data_dir):
+  """`make train > log 2>&1`: no carriage returns, progress as periodic lines, every line short."""
+  config = tmp_path / "tiny.py"
+  config.write_text(f"from tests import helpers\n\ndef get_config():\n  c = helpers.tiny_config({data_dir!r})\n"
+                    "  c.train.epochs = 1\n  return c\n")
+  log = tmp_path / "log"
+  with open(log, "w") as f:
+    proc = subprocess.run([sys.executable, "-m", "dgia_jax.main", "--config", str(config), "--workdir",
+                           str(tmp_path / "run")], cwd=helpers.ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": helpers.ROOT})
+  text = log.read_text()
+  assert proc.returncode == 0, text[-3000:]
+  assert "\r" not in text
+  lines = text.splitlines()
+  assert any(line.startswith("train: step 4/4 (100%) | loss ") and "ETA" in line for line in lines), lines
+  assert any(line.startswith("epoch 1 test: t2i R1=") for line in lines)
+  assert not any(line.startswith("encode ") for line in lines)  # short encodes leave no line
+  assert max(map(len, lines)) < 600

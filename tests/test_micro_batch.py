@@ -1,6 +1,5 @@
 """Gradient caching (`train.micro_batch`): the whole batch's gradient a micro-batch at a time."""
 
-import jax
 import numpy as np
 import pytest
 

@@ -93,10 +93,10 @@ def test_eval_batches_cover_every_item_once_with_padding(splits):
   assert valid.sum() == test.num_images and len(valid) % 12 == 0
   first = np.concatenate([b["image"] for b in imgs])[valid]
   np.testing.assert_array_equal(first[5], test.load_image(5))
-  txt = list(pipeline.token_batches(test.tokens, 12))
+  txt = list(pipeline.row_batches(test.tokens, "tokens", 12))
   tokens = np.concatenate([b["tokens"] for b in txt])[np.concatenate([b["valid"] for b in txt])]
   np.testing.assert_array_equal(tokens, test.tokens)
-  parts = [list(pipeline.token_batches(test.tokens, 12, p, 2)) for p in range(2)]
+  parts = [list(pipeline.row_batches(test.tokens, "tokens", 12, p, 2)) for p in range(2)]
   np.testing.assert_array_equal(np.concatenate([parts[0][0]["tokens"], parts[1][0]["tokens"]]), txt[0]["tokens"])
 
 

@@ -1,5 +1,6 @@
 """The trainer end to end on the tiny synthetic set: curves, results, resume, devices, kills."""
 
+import glob
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dgia_jax import build, checkpointing, inference, objective, optim, parallel, rundir, train
+from dgia_jax import build, checkpointing, inference, objective, optim, parallel, reporting, rundir, train
 from dgia_jax import step as step_lib
 from dgia_jax.data import datasets, pipeline
 from tests import helpers
@@ -363,3 +364,37 @@ def test_a_missing_initial_run_is_trained_first_then_reused(tiny_config, tmp_pat
   stamp = os.path.getmtime(stage1.results)
   train.train_and_evaluate(tiny_config, str(tmp_path / "fine_again"))
   assert "stage 1" not in capsys.readouterr().out and os.path.getmtime(stage1.results) == stamp
+
+
+def _tensorboard_scalars(workdir: str) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} read back from the run's TensorBoard event files (TFRecord framing: length,
+  its CRC, the Event proto, its CRC), later files overriding earlier ones as TensorBoard shows them."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  scalars: dict[str, dict[int, float]] = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    data, pos = open(path, "rb").read(), 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars
+
+
+def test_tensorboard_shows_the_loss_terms_rate_relations_and_every_evaluation(trained):
+  _, workdir, _ = trained
+  scalars = _tensorboard_scalars(workdir)
+  for tag in ("train/loss", "train/loss_itc", "train/loss_lrc", "train/loss_iasc", "train/loss_gsrc", "train/lr",
+              "train/lrc_precision", "relations/lrc_precision", "relations/gsrc_precision", "test/t2i/R1",
+              "test/t2i/mAP", "val/t2i/R1", "val/i2t/mINP"):
+    assert tag in scalars, (tag, sorted(scalars))
+  checked = 0
+  for record in rundir.RunDir(workdir).records():
+    for tag, value in reporting.tensorboard_scalars(record).items():
+      assert scalars[tag][record["step"]] == pytest.approx(value, rel=1e-6, abs=1e-6), (tag, record["step"])
+      checked += 1
+  assert checked > 100

@@ -7,6 +7,7 @@ import os
 import tensorflow_datasets as tfds
 
 from data_prep import benchmarks, synthetic_persons
+from dgia_jax import errors
 from dgia_jax.data.pipeline import Split, hold_out_identities, open_split
 from dgia_jax.data.tokenizer import Tokenizer, train_bpe
 
@@ -41,12 +42,12 @@ _REGISTRY = {"synthetic_persons": (_synthetic_builder, _prepare_synthetic),
 def get_builder(data_cfg, prepare: bool = True) -> tfds.core.DatasetBuilder:
   """The TFDS builder for `config.data`, prepared if `prepare` and missing."""
   if data_cfg.name not in _REGISTRY:
-    raise ValueError(f"unknown data set '{data_cfg.name}'; known: {', '.join(sorted(_REGISTRY))}")
+    raise errors.ConfigError(f"unknown data set data.name='{data_cfg.name}'; known: {', '.join(sorted(_REGISTRY))}")
   make, prepare_fn = _REGISTRY[data_cfg.name]
   builder = make(data_cfg)
   if not builder.is_prepared():
     if not prepare:
-      raise FileNotFoundError(f"data set {builder.info.full_name} is not prepared under {data_cfg.data_dir}; "
+      raise errors.MissingPathError(f"data set {builder.info.full_name} is not prepared under {data_cfg.data_dir}; "
                               "run with --config.data.prepare=True")
     prepare_fn(builder, data_cfg)
   if data_cfg.name == "synthetic_persons":
@@ -72,7 +73,7 @@ def tokenizer_path(data_cfg, builder: tfds.core.DatasetBuilder | None = None) ->
   if data_cfg.tokenizer:
     return data_cfg.tokenizer
   if data_cfg.name != "synthetic_persons":
-    raise ValueError(f"data set '{data_cfg.name}' needs data.tokenizer: the CLIP checkpoint folder "
+    raise errors.ConfigError(f"data set '{data_cfg.name}' needs data.tokenizer: the CLIP checkpoint folder "
                      "(tokenizer.json, or vocab.json + merges.txt)")
   builder = builder or get_builder(data_cfg, prepare=False)
   return os.path.join(builder.data_dir, SYNTHETIC_TOKENIZER_FILE)
@@ -90,7 +91,7 @@ def cross_domain(data_cfg, name: str, manual_dir: str, tokenizer: str):
   `data_dir` on first use.
   """
   if name not in benchmarks.BUILDERS:
-    raise ValueError(f"cross-domain evaluation reads a benchmark ({', '.join(sorted(benchmarks.BUILDERS))}), "
+    raise errors.ConfigError(f"cross-domain evaluation reads a benchmark ({', '.join(sorted(benchmarks.BUILDERS))}), "
                      f"got '{name}'")
   cfg = data_cfg.copy_and_resolve_references()
   if "synthetic" in cfg:
@@ -106,6 +107,8 @@ def load(data_cfg, splits: tuple[str, ...]) -> tuple[Tokenizer, dict[str, Split]
   With `data.holdout_val_ids = K > 0`, the split named `data.val_split` is not read from the
   data set: it is K identities held out of `data.train_split` (which loses them).
   """
+  if data_cfg.name != "synthetic_persons":
+    tokenizer_path(data_cfg)  # a missing data.tokenizer is named before any data set is built
   builder = get_builder(data_cfg, prepare=data_cfg.prepare)
   tokenizer = get_tokenizer(data_cfg, builder)
   holdout = data_cfg.holdout_val_ids and data_cfg.val_split in splits

@@ -26,10 +26,26 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from dgia_jax import errors
 from dgia_jax.data.tokenizer import Tokenizer
 
 _READ_CHUNK = 512
 RESIZE_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def decode_image(data: bytes, image_size: tuple[int, int], resize: str = "bicubic") -> np.ndarray:
+  """An encoded image (JPEG, PNG, WebP, ...) as uint8 [H, W, 3] at `image_size` (H, W): the eval
+  transform every image goes through, a data set's or a user's own. BadInputError if PIL cannot
+  decode it."""
+  try:
+    img = Image.open(io.BytesIO(data))
+    img = img.convert("RGB")
+  except Exception as e:  # PIL raises several types for corrupt data
+    raise errors.BadInputError(f"cannot decode image: {e}") from e
+  h, w = image_size
+  if img.size != (w, h):
+    img = img.resize((w, h), RESIZE_FILTERS[resize])
+  return np.asarray(img, np.uint8)
 
 
 @dataclasses.dataclass
@@ -75,20 +91,17 @@ class Split:
     """int64 [P]: person id of each pair (hidden; measurement only)."""
     return self.person_ids[self.pair_record]
 
+  def image_bytes(self, record: int) -> bytes:
+    """The stored file bytes of record `record`'s image, as the data set's files had them."""
+    return self.source[int(self.source_records[record])]["image"]
+
   def load_image(self, record: int) -> np.ndarray:
     """Decodes record `record`'s image to uint8 [H, W, 3], resized to `image_size` with `resize`."""
-    source_record = int(self.source_records[record])
-    data = self.source[source_record]["image"]
     try:
-      img = Image.open(io.BytesIO(data))
-      img = img.convert("RGB")
-    except Exception as e:  # PIL raises several types for corrupt data
-      raise ValueError(f"{self.name} record {source_record} ({self.image_paths[record]}): "
-                       f"cannot decode image: {e}") from e
-    h, w = self.image_size
-    if img.size != (w, h):
-      img = img.resize((w, h), RESIZE_FILTERS[self.resize])
-    return np.asarray(img, np.uint8)
+      return decode_image(self.image_bytes(record), self.image_size, self.resize)
+    except errors.BadInputError as e:
+      raise errors.BadInputError(f"{self.name} record {int(self.source_records[record])} "
+                                 f"({self.image_paths[record]}): {e}") from e
 
   def subset(self, keep: np.ndarray, name: str) -> "Split":
     """The split restricted to records where `keep` [R] (bool) holds, with all their pairs."""
@@ -105,7 +118,7 @@ def hold_out_identities(split: Split, num_ids: int, seed: int, name: str) -> tup
   """(split without them, split of them): every image and caption of `num_ids` random identities."""
   ids = np.unique(split.person_ids)
   if not 0 < num_ids < len(ids):
-    raise ValueError(f"cannot hold out {num_ids} of the {len(ids)} identities of split '{split.name}'")
+    raise errors.ConfigError(f"data.holdout_val_ids: cannot hold out {num_ids} of the {len(ids)} identities of split '{split.name}'")
   held = np.random.default_rng([seed, 7]).choice(ids, num_ids, replace=False)
   mask = np.isin(split.person_ids, held)
   return split.subset(~mask, split.name), split.subset(mask, name)
@@ -115,9 +128,9 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str, tokenizer: Tokeniz
                image_size: tuple[int, int], resize: str = "bicubic") -> Split:
   """Reads a prepared split's captions and ids, and tokenizes every caption once."""
   if resize not in RESIZE_FILTERS:
-    raise ValueError(f"data.resize must be one of {sorted(RESIZE_FILTERS)}, got {resize!r}")
+    raise errors.ConfigError(f"data.resize must be one of {sorted(RESIZE_FILTERS)}, got {resize!r}")
   if split not in builder.info.splits:
-    raise ValueError(f"split '{split}' not in {builder.info.full_name}; it has {sorted(builder.info.splits)}")
+    raise errors.ConfigError(f"split '{split}' not in {builder.info.full_name}; it has {sorted(builder.info.splits)}")
   source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
   pair_record, captions, paths, pids = [], [], [], []
   for start in range(0, len(source), _READ_CHUNK):
@@ -125,16 +138,16 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str, tokenizer: Tokeniz
       path = ex["path"].decode()
       caps = [c.decode() for c in ex["captions"]]
       if not caps:
-        raise ValueError(f"{split} record {r} ({path}): no captions")
+        raise errors.BadInputError(f"{split} record {r} ({path}): no captions")
       for j, c in enumerate(caps):
         if not c.strip():
-          raise ValueError(f"{split} record {r} ({path}): caption {j} is empty")
+          raise errors.BadInputError(f"{split} record {r} ({path}): caption {j} is empty")
       paths.append(path)
       pids.append(int(ex["person_id"]))
       pair_record.extend([r] * len(caps))
       captions.extend(caps)
   if not paths:
-    raise ValueError(f"split '{split}' of {builder.info.full_name} is empty")
+    raise errors.BadInputError(f"split '{split}' of {builder.info.full_name} is empty")
   return Split(
       name=split,
       source=source,
@@ -179,7 +192,7 @@ def train_batches(split: Split, order: EpochOrder, *, start_step: int, end_step:
   pair index, i.e. memory-bank row), with b = global_batch / process_count.
   """
   if order.global_batch % process_count:
-    raise ValueError(f"global batch {order.global_batch} is not divisible by {process_count} processes")
+    raise errors.ConfigError(f"train.batch_size={order.global_batch} is not divisible by {process_count} processes")
   local = order.global_batch // process_count
 
   def pair_of(example: int) -> int:
@@ -219,8 +232,9 @@ def eval_image_batches(split: Split, global_batch: int, process_index: int = 0, 
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)))
 
 
-def token_batches(tokens: np.ndarray, global_batch: int, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Every row of tokens int32 [N, L] once, in order: `tokens` int32 [b, L], `valid` bool [b]."""
-  for rows in _padded_rows(len(tokens), global_batch, process_index, process_count):
-    yield {"tokens": tokens[np.maximum(rows, 0)], "valid": rows >= 0}
+def row_batches(values: np.ndarray, key: str, global_batch: int, process_index: int = 0,
+                process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Every row of `values` [N, ...] once, in order, in padded global batches: `key` [b, ...] and
+  `valid` bool [b] (captions' tokens, free-text queries, a user's decoded images)."""
+  for rows in _padded_rows(len(values), global_batch, process_index, process_count):
+    yield {key: values[np.maximum(rows, 0)], "valid": rows >= 0}

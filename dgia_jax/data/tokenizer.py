@@ -25,6 +25,8 @@ import tokenizers
 from absl import logging
 from tokenizers import AddedToken, models, normalizers, pre_tokenizers, trainers
 
+from dgia_jax import errors
+
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
 MASK = "<|mask|>"
@@ -57,14 +59,14 @@ class Tokenizer:
 
   def __init__(self, tok: tokenizers.Tokenizer, context_length: int):
     if context_length < 3:
-      raise ValueError(f"context_length must be at least 3 (SOT, one token, EOT), got {context_length}")
+      raise errors.ConfigError(f"data.context_length must be at least 3 (SOT, one token, EOT), got {context_length}")
     tok.no_padding()  # the fixed-length layout is ours; a saved tokenizer may carry its own
     tok.no_truncation()
     self._tok = tok
     self.context_length = context_length
     missing = [t for t in (SOT, EOT) if tok.token_to_id(t) is None]
     if missing:
-      raise ValueError(f"tokenizer lacks the special tokens {missing}")
+      raise errors.BadInputError(f"tokenizer lacks the special tokens {missing}")
     self.num_appended = 0
     if tok.token_to_id(MASK) is None:
       self.num_appended = tok.add_special_tokens([AddedToken(MASK, special=True)])
@@ -79,7 +81,7 @@ class Tokenizer:
   def from_file(cls, path: str, context_length: int) -> "Tokenizer":
     """A `tokenizer.json` file, or a CLIP folder (`tokenizer.json`, or `vocab.json` + `merges.txt`)."""
     if not os.path.exists(path):
-      raise FileNotFoundError(f"tokenizer file not found: {path}")
+      raise errors.MissingPathError(f"tokenizer file not found: {path}")
     if not os.path.isdir(path):
       return cls(tokenizers.Tokenizer.from_file(path), context_length)
     if os.path.exists(os.path.join(path, "tokenizer.json")):
@@ -88,7 +90,7 @@ class Tokenizer:
       import transformers  # late import: only this layout needs it
 
       return cls(transformers.CLIPTokenizer.from_pretrained(path).backend_tokenizer, context_length)
-    raise FileNotFoundError(f"{path} holds no tokenizer: expected tokenizer.json, or vocab.json and merges.txt")
+    raise errors.MissingPathError(f"{path} holds no tokenizer: expected tokenizer.json, or vocab.json and merges.txt")
 
   def encode(self, texts: Sequence[str], source: str = "texts") -> np.ndarray:
     """Encodes captions to int32 [N, context_length].
@@ -96,9 +98,22 @@ class Tokenizer:
     A caption of more than L - 2 pieces is cut to its first L - 2 (CLIP's `truncate=True`);
     when any is, a warning says how many of `source` (e.g. a split) were, and the longest.
     """
+    out, pieces = self.encode_counted(texts, source)
+    keep = self.context_length - 2
+    cut = int((pieces > keep).sum())
+    if cut:
+      longest = int(np.argmax(pieces))
+      logging.warning("%s: %d of %d captions are longer than %d tokens (context_length %d less SOT and EOT) and "
+                      "were truncated to %d; the longest: caption %d, %d tokens: %r", source, cut, len(texts), keep,
+                      self.context_length, keep, longest, pieces[longest], texts[longest])
+    return out
+
+  def encode_counted(self, texts: Sequence[str], source: str = "texts") -> tuple[np.ndarray, np.ndarray]:
+    """(int32 [N, context_length] as `encode` gives, int64 [N] word pieces of each text before any
+    cut: more than context_length - 2 were cut). BadInputError names an empty text."""
     for i, text in enumerate(texts):
       if not text or not text.strip():
-        raise ValueError(f"caption {i} is empty")
+        raise errors.BadInputError(f"{source}: caption {i} is empty")
     out = np.full((len(texts), self.context_length), self.pad_id, np.int32)
     keep = self.context_length - 2
     pieces = np.zeros(len(texts), np.int64)
@@ -108,13 +123,7 @@ class Tokenizer:
       out[i, 0] = self.sot_id
       out[i, 1:len(ids) + 1] = ids
       out[i, len(ids) + 1] = self.eot_id
-    cut = int((pieces > keep).sum())
-    if cut:
-      longest = int(np.argmax(pieces))
-      logging.warning("%s: %d of %d captions are longer than %d tokens (context_length %d less SOT and EOT) and "
-                      "were truncated to %d; the longest: caption %d, %d tokens: %r", source, cut, len(texts), keep,
-                      self.context_length, keep, longest, pieces[longest], texts[longest])
-    return out
+    return out, pieces
 
   def decode(self, tokens: np.ndarray) -> str:
     """Text of one encoded caption [L]: the tokens between SOT and the first EOT, mask shown as MASK."""

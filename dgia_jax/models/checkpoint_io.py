@@ -53,7 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from dgia_jax import cli
+from dgia_jax import cli, errors
 from dgia_jax.models import clip
 
 _CACHE_FORMAT = 1  # bump when the conversion changes
@@ -74,16 +74,16 @@ class Source:
 def find_source(path: str) -> Source:
   """The checkpoint at `path`: a Hugging Face CLIP folder or an OpenAI `.pt` file."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"model.init_from={path}: no such CLIP checkpoint or dgia-jax training workdir")
+    raise errors.MissingPathError(f"model.init_from={path}: no such CLIP checkpoint or dgia-jax training workdir")
   if not os.path.isdir(path):
     if os.path.basename(path) in HF_WEIGHT_FILES:
-      raise ValueError(f"{path}: pass the Hugging Face folder holding it (with its config.json), not the file")
+      raise errors.ConfigError(f"{path}: pass the Hugging Face folder holding it (with its config.json), not the file")
     return Source("openai", path)
   config = os.path.join(path, "config.json")
   weights = [os.path.join(path, f) for f in HF_WEIGHT_FILES if os.path.exists(os.path.join(path, f))]
   if not os.path.exists(config) or not weights:
     sharded = [f for f in os.listdir(path) if f.endswith(".index.json")]
-    raise FileNotFoundError(
+    raise errors.MissingPathError(
         f"{path} is not a Hugging Face CLIP folder: it needs config.json and one of {', '.join(HF_WEIGHT_FILES)}"
         + (f" (sharded checkpoints such as {sharded[0]} are not supported)" if sharded else ""))
   return Source("hf", weights[0], config)
@@ -105,7 +105,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError as e:
-    raise ImportError(f"reading {path} needs torch (only .safetensors checkpoints are read without it)") from e
+    raise errors.MissingDependencyError(f"reading {path} needs torch (only .safetensors checkpoints are read without it)") from e
   try:
     if _is_torchscript(path):  # OpenAI's release files
       with warnings.catch_warnings():  # TorchScript is deprecated, but these files are TorchScript
@@ -114,9 +114,9 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     else:
       obj = torch.load(path, map_location="cpu", weights_only=True)
   except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-    raise ValueError(f"{path} is not a readable PyTorch checkpoint: {str(e).splitlines()[0]}") from e
+    raise errors.BadInputError(f"{path} is not a readable PyTorch checkpoint: {str(e).splitlines()[0]}") from e
   if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-    raise ValueError(f"{path} is not a CLIP state dict (a mapping of names to tensors)")
+    raise errors.BadInputError(f"{path} is not a CLIP state dict (a mapping of names to tensors)")
   return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()}
 
 
@@ -139,7 +139,7 @@ def _count_layers(tensors: dict, prefix: str, suffix: str) -> int:
 def _require(tensors: dict, keys: tuple[str, ...], what: str) -> None:
   missing = [k for k in keys if k not in tensors]
   if missing:
-    raise ValueError(f"not {what}: it lacks {', '.join(missing)}")
+    raise errors.BadInputError(f"not {what}: it lacks {', '.join(missing)}")
 
 
 def describe(source: Source, tensors: dict[str, np.ndarray]) -> dict:
@@ -183,11 +183,11 @@ def describe(source: Source, tensors: dict[str, np.ndarray]) -> dict:
   acts = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
   eps = {vision.get("layer_norm_eps", 1e-5), text.get("layer_norm_eps", 1e-5)}
   if len(acts) > 1 or eps != {1e-5}:
-    raise ValueError(f"{source.config}: hidden_act {sorted(acts)}, layer_norm_eps {sorted(eps)}; "
+    raise errors.BadInputError(f"{source.config}: hidden_act {sorted(acts)}, layer_norm_eps {sorted(eps)}; "
                      "this CLIP uses one activation for both towers and LayerNorm epsilon 1e-5")
   for name, tower in (("vision_config", vision), ("text_config", text)):
     if "num_attention_heads" not in tower:
-      raise ValueError(f"{source.config}: {name} lacks num_attention_heads")
+      raise errors.BadInputError(f"{source.config}: {name} lacks num_attention_heads")
   eos = text.get("eos_token_id", 2)
   return {
       "model.embed_dim": tensors["text_projection.weight"].shape[0],
@@ -232,7 +232,7 @@ def check_arch(ckpt: dict, cfg: clip.CLIPConfig, appended_tokens: int, where: st
         f"checkpoint: {ckpt['vocab_size']} tokens, end-of-text id {ckpt['eot_id']} "
         "(point --config.data.tokenizer at the checkpoint's tokenizer folder)")
   if problems:
-    raise ValueError(f"{where} does not match the configured model:\n  " + "\n  ".join(problems))
+    raise errors.ConfigError(f"{where} does not match the configured model:\n  " + "\n  ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ def resize_pos_embed(pos: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return pos
   side = int(round((pos.shape[0] - 1) ** 0.5))
   if side * side != pos.shape[0] - 1:
-    raise ValueError(f"{pos.shape[0] - 1} patch positions are not a square grid; cannot resize to {gh}x{gw}")
+    raise errors.BadInputError(f"{pos.shape[0] - 1} patch positions are not a square grid; cannot resize to {gh}x{gw}")
   patches = pos[1:].reshape(side, side, pos.shape[1])
   resized = jax.image.resize(patches, (gh, gw, pos.shape[1]), method="linear", antialias=False)
   return np.concatenate([pos[:1], np.asarray(resized, np.float32).reshape(gh * gw, -1)])
@@ -409,7 +409,7 @@ def convert(tensors: dict[str, np.ndarray], layout: str, cfg: clip.CLIPConfig, a
       problems.append(f"mis-shaped: {shapes} -> {path} {list(value.shape)}, the model needs {list(target[path][0])}")
     flat[path] = np.asarray(value, np.float32)
   if problems:
-    raise ValueError(f"{where} cannot be loaded into the model:\n  " + "\n  ".join(problems))
+    raise errors.BadInputError(f"{where} cannot be loaded into the model:\n  " + "\n  ".join(problems))
   return traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from dgia_jax import errors
+
 # OpenAI CLIP's image normalisation (RGB).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -54,7 +56,11 @@ class CLIPConfig:
   text: TextConfig
   activation: str = "quick_gelu"  # OpenAI CLIP; "gelu" for other families
   dtype: str = "float32"  # compute dtype of activations
-  remat: bool = False  # rematerialise residual blocks (saves activation memory)
+  # Rematerialise each residual block (`nn.remat`, jax.checkpoint's default policy: nothing inside a
+  # block is saved; only its input is kept, and the block's forward runs again in the backward pass).
+  # It saves activation memory where the compiler schedules for memory (GPUs; XLA CPU only with
+  # --xla_cpu_enable_concurrency_optimized_scheduler=false, docs/BENCHMARKS.md §6).
+  remat: bool = False
   attention: str = "xla"  # "xla", or "cudnn": cuDNN's fused kernel on GPUs (see `attention`)
 
 
@@ -274,17 +280,17 @@ def config_from_dict(model_cfg, image_size: tuple[int, int], vocab_size: int, eo
   v, t = model_cfg.vision, model_cfg.text
   h, w = image_size
   if h % v.patch_size or w % v.patch_size:
-    raise ValueError(f"image size {h}x{w} is not a multiple of patch size {v.patch_size}")
+    raise errors.ConfigError(f"image size {h}x{w} is not a multiple of patch size {v.patch_size}")
   for name, tower in (("vision", v), ("text", t)):
     if tower.layers < 1:
-      raise ValueError(f"model.{name}.layers={tower.layers}: a tower needs at least one block")
+      raise errors.ConfigError(f"model.{name}.layers={tower.layers}: a tower needs at least one block")
     if tower.width % tower.heads:
-      raise ValueError(f"model.{name}.width={tower.width} is not divisible by heads={tower.heads}")
+      raise errors.ConfigError(f"model.{name}.width={tower.width} is not divisible by heads={tower.heads}")
   attention = model_cfg.get("attention", "xla")  # configs saved before the option read as "xla"
   if attention not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"model.attention={attention!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    raise errors.ConfigError(f"model.attention={attention!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
   if attention == "cudnn" and model_cfg.dtype not in ("bfloat16", "float16"):
-    raise ValueError(f"model.attention='cudnn' needs a 16-bit model.dtype (bfloat16), not {model_cfg.dtype}")
+    raise errors.ConfigError(f"model.attention='cudnn' needs a 16-bit model.dtype (bfloat16), not {model_cfg.dtype}")
   return CLIPConfig(
       embed_dim=model_cfg.embed_dim,
       vision=VisionConfig((h, w), v.patch_size, v.width, v.layers, v.heads),

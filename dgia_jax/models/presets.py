@@ -9,6 +9,8 @@ def _model(embed_dim: int, vision: dict, text: dict) -> ml_collections.ConfigDic
   `init_config`: with a workdir `init_from`, the config file that trains it, run first when that
   run has no results yet (a pre-training stage, kept and reused);
   `init_cache_dir`: where its converted parameters are cached ("" = ~/.cache/dgia_jax/converted);
+  `remat`: recompute each residual block in the backward pass instead of keeping its activations
+  (jax.checkpoint's default policy: only the block's input is saved; `clip.CLIPConfig.remat`);
   `attention`: "xla", or "cudnn" for cuDNN's fused attention on GPUs (needs dtype bfloat16)."""
   return ml_collections.ConfigDict(dict(
       embed_dim=embed_dim, vision=vision, text=text, activation="quick_gelu", dtype="float32", remat=False,

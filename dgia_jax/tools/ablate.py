@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, user_errors=(ValueError,))
+  cli.run(main)

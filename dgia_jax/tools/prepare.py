@@ -4,6 +4,7 @@
 
 `--nostrict` skips bad records (counted, and listed in `<data_dir>/<dataset>_problems.jsonl`)
 instead of failing on them. A data set already built under `--data_dir` is only summarised.
+Either way a split that differs from the published statistics is named in a warning.
 """
 
 from absl import flags
@@ -29,10 +30,15 @@ def summary_table(summary: dict[str, dict[str, int]]) -> str:
 def main(argv):
   cli.start(argv)
   builder = benchmarks.make_builder(_DATASET.value, _DATA_DIR.value, strict=_STRICT.value)
-  if not builder.is_prepared():
-    benchmarks.prepare(builder, _MANUAL_DIR.value)
+  built_now = not builder.is_prepared()
+  if built_now:
+    benchmarks.prepare(builder, _MANUAL_DIR.value)  # warns of differences to the published statistics
+  summary = benchmarks.split_summary(builder)
   print(f"{builder.info.full_name} in {builder.data_dir}")
-  print(summary_table(benchmarks.split_summary(builder)))
+  print(summary_table(summary))
+  if not built_now:
+    for warning in benchmarks.published_differences(builder.LAYOUT, builder.name, summary):
+      print(f"warning: {warning}")
 
 
 if __name__ == "__main__":

@@ -26,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, user_errors=(FileNotFoundError, ValueError))
+  cli.run(main)

@@ -13,7 +13,7 @@ Queries are embedded by the text tower of the run and checkpoint the export name
 import numpy as np
 from absl import app, flags
 
-from dgia_jax import cli, gallery
+from dgia_jax import cli, errors, gallery
 
 _EMB = flags.DEFINE_string("emb", None, "Export directory (python -m dgia_jax.tools.export).")
 _QUERY = flags.DEFINE_string("query", None, "One text query.")
@@ -32,7 +32,7 @@ def read_queries(path: str) -> list[str]:
   with open(path) as f:
     queries = [line.strip() for line in f if line.strip()]
   if not queries:
-    raise ValueError(f"{path} holds no queries (one a line)")
+    raise errors.BadInputError(f"{path} holds no queries (one a line)")
   return queries
 
 
@@ -43,7 +43,8 @@ def format_results(emb: gallery.Embeddings, texts: list[str], scores: np.ndarray
     lines.append(f"query {q + 1}: {text}")
     for rank, (score, row) in enumerate(zip(scores[q], rows[q]), 1):
       item = emb.image_index[row]
-      lines.append(f"  {rank:3d}  {score:.4f}  person {item['person_id']}  {item['path']}")
+      person = f"person {item['person_id']}" if "person_id" in item else "person ?"  # own images carry none
+      lines.append(f"  {rank:3d}  {score:.4f}  {person}  {item['path']}")
   return "\n".join(lines)
 
 
@@ -59,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, user_errors=(FileNotFoundError, ValueError, ImportError))
+  cli.run(main)

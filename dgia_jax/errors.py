@@ -1,0 +1,38 @@
+"""Errors that are the user's to fix, as opposed to bugs.
+
+A flag or config value with no meaning, a path that is not there, a file or input that is there
+but unusable, a missing optional dependency: every program prints one line, `error: <message>`
+(the message names the flag, file or record), and exits 1 (`cli.run`); any other exception keeps
+its traceback. Each class also subclasses the built-in error it stands for, so code that catches
+`ValueError` or `FileNotFoundError` still does. The benchmarks' original files raise
+`data_prep.errors.SourceError`s, which are user errors too (`USER_ERRORS`).
+"""
+
+from data_prep import errors as source_errors
+
+
+class UserError(Exception):
+  """Something the user gave is wrong; the message says what and where."""
+
+
+class ConfigError(UserError, ValueError):
+  """A flag or config value with no meaning here, named in the message."""
+
+
+class MissingPathError(UserError, FileNotFoundError):
+  """A file or folder that should be there is not."""
+
+
+class BadInputError(UserError, ValueError):
+  """A file, record or query that is there but unusable: damaged, empty, not the expected layout."""
+
+
+class MissingDependencyError(UserError, ImportError):
+  """An optional package a chosen option needs is not installed."""
+
+
+class WriteError(UserError, OSError):
+  """A file could not be written (disk full, file-size limit, read-only target); what was there before is intact."""
+
+
+USER_ERRORS = (UserError, source_errors.SourceError)
