@@ -49,6 +49,16 @@ class _WithoutFailedCheckpointWrites:
     return not ("Error writing" in text and "OCDBT database" in text)
 
 
+class _WithoutTfdsNotices:
+  """Drops two warnings TFDS writes on every run that are no news here: a builder config we pass
+  on purpose (`Using custom data configuration`) and the missing `dataset_info.json` of a data set
+  not prepared yet (prepared next, or reported as an `error:` with `data.prepare=False`)."""
+
+  def filter(self, record) -> bool:
+    text = record.getMessage()
+    return not (text.startswith("Using custom data configuration") or text.endswith("has no dataset_info.json"))
+
+
 def _drop_callbacks_into_a_closed_loop(unraisable) -> None:
   """After a failed checkpoint write, TensorStore finishes its other writes and calls back into
   orbax's event loop, closed by then; the failure itself reaches the program (WriteError), so
@@ -67,6 +77,7 @@ def start(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_handler().addFilter(_WithoutFailedCheckpointWrites())
+  logging.get_absl_handler().addFilter(_WithoutTfdsNotices())
   sys.unraisablehook = _drop_callbacks_into_a_closed_loop
   if not sys.stderr.isatty():  # a log file: no carriage-return redraws from TFDS's bars either
     import tensorflow_datasets as tfds

@@ -88,6 +88,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   curves.png and results.json; returns the results.
   """
   # Setup.
+  if not config.data.prepare:
+    datasets.check_prepared(config.data)  # before a stage 1 that takes minutes
   train_initial_run(config)
   config = build.with_init_tokenizer(config)
   mesh = parallel.make_mesh()

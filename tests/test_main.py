@@ -1,5 +1,6 @@
 """The main job's command line: bad input gives a clear message, not a deep traceback."""
 
+import re
 import subprocess
 import sys
 
@@ -26,9 +27,10 @@ def test_bad_config_value_is_named(tmp_path):
 def test_missing_data_without_prepare_is_named(tmp_path):
   proc = _main("--workdir", str(tmp_path / "run"), f"--config.data.data_dir={tmp_path / 'absent'}",
                "--config.data.prepare=False")
-  assert proc.returncode != 0
-  last = proc.stderr.strip().splitlines()[-1]
-  assert "FileNotFoundError" in last and "is not prepared under" in last and "absent" in last
+  assert proc.returncode == 1
+  assert re.fullmatch(rf"error: data set synthetic_persons/\S+/1\.0\.0 is not prepared under "
+                      rf"{re.escape(str(tmp_path / 'absent'))}; run with --config\.data\.prepare=True", proc.stderr.strip()), \
+      proc.stderr
 
 
 _CACHE_PROBE = """

@@ -8,7 +8,8 @@ from tests import helpers
 
 # One script per device count: the tiny model, float32, all four losses on (epoch 2, the banks
 # filled by epoch 1). Saves gradients, states after one step and losses over four steps, for
-# micro-batches off and MICRO, with and without model.remat.
+# micro-batches off and MICRO, with and without model.remat (one device only), and the bfloat16
+# loss of the micro-batches in BF16 (0 = off); each variant is a compilation, ~17 s here.
 _SCRIPT = """
 import numpy as np, jax, jax.numpy as jnp
 from tests import helpers
@@ -26,9 +27,12 @@ pids = np.full(64, -1, np.int32)
 pids[:split.num_pairs] = split.pair_person_ids
 pids = parallel.global_array(pids, parallel.data_sharding(mesh))
 
+variants = {}
 def built(micro, remat=False, dtype="float32"):
-  cfg.train.micro_batch, cfg.model.remat, cfg.model.dtype = micro, remat, dtype
-  return build.training(cfg, tokenizer, spe, split.num_pairs, mesh)
+  if (micro, remat, dtype) not in variants:
+    cfg.train.micro_batch, cfg.model.remat, cfg.model.dtype = micro, remat, dtype
+    variants[micro, remat, dtype] = build.training(cfg, tokenizer, spe, split.num_pairs, mesh)
+  return variants[micro, remat, dtype]
 
 # Epoch 1 fills the banks; its end state is every variant's start.
 reference = built(0)
@@ -40,7 +44,7 @@ layout = step_lib.shardings(state, mesh)
 fresh = lambda: jax.device_put(start, layout.state)
 
 out = {}
-for name, micro, remat in (("whole", 0, False), ("micro", MICRO, False), ("remat", 0, True), ("remat_micro", MICRO, True)):
+for name, micro, remat in VARIANTS:
   b = built(micro, remat)
   grads_of = jax.jit(lambda s, x, p: step_lib.loss_and_grads(b.objective, s, x, p, layout, micro))
   (loss, (terms, aux)), grads = grads_of(fresh(), batches[spe], pids)
@@ -58,7 +62,7 @@ for name, micro, remat in (("whole", 0, False), ("micro", MICRO, False), ("remat
   out[f"{name}/losses"] = np.asarray(losses)
 
 # bfloat16: the chunked step runs, and its loss is the whole batch's within bfloat16's precision.
-for micro in (0, MICRO):
+for micro in BF16:
   b = built(micro, dtype="bfloat16")
   _, metrics, _ = b.step(fresh(), batches[spe], pids)
   out[f"bf16_{micro}/loss"] = np.asarray(metrics["loss"])
@@ -69,9 +73,11 @@ np.savez(OUT_PATH, devices=jax.device_count(), **out)
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, data_dir):
   out = {}
-  for devices, micro in ((1, 4), (8, 8)):
+  every = (("whole", 0, False), ("micro", 4, False), ("remat", 0, True), ("remat_micro", 4, True))
+  for devices, variants, bf16 in ((1, every, (0, 4)), (8, (("whole", 0, False), ("micro", 8, False)), (8,))):
     path = str(tmp_path_factory.mktemp("micro") / f"d{devices}.npz")
-    code = _SCRIPT.replace("DATA_DIR", repr(data_dir)).replace("MICRO", str(micro)).replace("OUT_PATH", repr(path))
+    code = (_SCRIPT.replace("DATA_DIR", repr(data_dir)).replace("VARIANTS", repr(variants))
+            .replace("BF16", repr(bf16)).replace("OUT_PATH", repr(path)))
     helpers.run_python(code, devices=devices, timeout=900)
     out[devices] = dict(np.load(path))
     assert int(out[devices]["devices"]) == devices
@@ -117,9 +123,16 @@ def test_micro_batch_gradients_and_state_equal_the_whole_batch(results, devices)
 def test_micro_batch_training_follows_the_whole_batch(results, devices):
   r = results[devices]
   np.testing.assert_allclose(r["micro/losses"], r["whole/losses"], rtol=1e-5)
-  np.testing.assert_allclose(r["remat_micro/losses"], r["whole/losses"], rtol=1e-5)
-  bf16 = [float(v) for k, v in r.items() if k.startswith("bf16_")]
-  assert all(np.isfinite(bf16)) and bf16[0] == pytest.approx(bf16[1], rel=2e-2)
+  if devices == 1:
+    np.testing.assert_allclose(r["remat_micro/losses"], r["whole/losses"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_micro_batch_in_bfloat16_gives_the_whole_batch_loss(results, devices):
+  """Within bfloat16's precision; the 8-device run against one device's whole batch (the same
+  data and perturbations: the test below)."""
+  whole, micro = float(results[1]["bf16_0/loss"]), float(results[devices][f"bf16_{4 if devices == 1 else 8}/loss"])
+  assert np.isfinite(micro) and micro == pytest.approx(whole, rel=2e-2)
 
 
 def test_micro_batch_and_remat_give_the_same_gradients(results):

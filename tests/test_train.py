@@ -398,3 +398,16 @@ def test_tensorboard_shows_the_loss_terms_rate_relations_and_every_evaluation(tr
       assert scalars[tag][record["step"]] == pytest.approx(value, rel=1e-6, abs=1e-6), (tag, record["step"])
       checked += 1
   assert checked > 100
+
+
+def test_tensorboard_writer_leaves_torch_unimported_and_importable(tmp_path):
+  helpers.run_python(f"""
+import sys
+from dgia_jax import reporting
+writer = reporting.summary_writer({str(tmp_path)!r}, None)
+writer.add_scalar("train/loss", 1.5, 1)
+writer.close()
+assert "torch" not in sys.modules
+import torch  # hidden only while tensorboardX was imported
+assert torch.zeros(1).shape == (1,)
+""")

@@ -39,17 +39,27 @@ _REGISTRY = {"synthetic_persons": (_synthetic_builder, _prepare_synthetic),
              **{name: (_benchmark_builder, _prepare_benchmark) for name in benchmarks.BUILDERS}}
 
 
-def get_builder(data_cfg, prepare: bool = True) -> tfds.core.DatasetBuilder:
-  """The TFDS builder for `config.data`, prepared if `prepare` and missing."""
+def _make_builder(data_cfg) -> tfds.core.DatasetBuilder:
   if data_cfg.name not in _REGISTRY:
     raise errors.ConfigError(f"unknown data set data.name='{data_cfg.name}'; known: {', '.join(sorted(_REGISTRY))}")
-  make, prepare_fn = _REGISTRY[data_cfg.name]
-  builder = make(data_cfg)
+  return _REGISTRY[data_cfg.name][0](data_cfg)
+
+
+def check_prepared(data_cfg, builder: tfds.core.DatasetBuilder | None = None) -> None:
+  """Raises MissingPathError naming `data.data_dir` if `config.data` is not prepared; writes nothing."""
+  builder = builder or _make_builder(data_cfg)
   if not builder.is_prepared():
-    if not prepare:
-      raise errors.MissingPathError(f"data set {builder.info.full_name} is not prepared under {data_cfg.data_dir}; "
-                              "run with --config.data.prepare=True")
-    prepare_fn(builder, data_cfg)
+    raise errors.MissingPathError(f"data set {builder.info.full_name} is not prepared under {data_cfg.data_dir}; "
+                                  "run with --config.data.prepare=True")
+
+
+def get_builder(data_cfg, prepare: bool = True) -> tfds.core.DatasetBuilder:
+  """The TFDS builder for `config.data`, prepared if `prepare` and missing."""
+  builder = _make_builder(data_cfg)
+  if not prepare:
+    check_prepared(data_cfg, builder)
+  elif not builder.is_prepared():
+    _REGISTRY[data_cfg.name][1](builder, data_cfg)
   if data_cfg.name == "synthetic_persons":
     _train_synthetic_tokenizer(builder)
   return builder
