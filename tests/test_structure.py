@@ -38,7 +38,7 @@ def run_listing_training_modules(module: str, *args: str) -> tuple[str, list[str
   return proc.stdout + proc.stderr, eval(loaded)  # a list literal of module names
 
 
-@pytest.mark.parametrize("module", ["dgia_jax.gallery", "dgia_jax.inference", "dgia_jax.report"])
+@pytest.mark.parametrize("module", ["dgia_jax.gallery", "dgia_jax.inference", "dgia_jax.report", "dgia_jax.serving"])
 def test_inference_libraries_import_without_the_trainer(module):
   code = f"import sys, {module}; print(sorted(m for m in {TRAINING_MODULES!r} if m in sys.modules))"
   out = helpers.run_python(code).stdout.strip().splitlines()[-1]
