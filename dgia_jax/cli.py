@@ -49,14 +49,17 @@ class _WithoutFailedCheckpointWrites:
     return not ("Error writing" in text and "OCDBT database" in text)
 
 
-class _WithoutTfdsNotices:
-  """Drops two warnings TFDS writes on every run that are no news here: a builder config we pass
-  on purpose (`Using custom data configuration`) and the missing `dataset_info.json` of a data set
-  not prepared yet (prepared next, or reported as an `error:` with `data.prepare=False`)."""
+class _WithoutNotices:
+  """Drops warnings TFDS and orbax write on every run that are no news here: a builder config we
+  pass on purpose (`Using custom data configuration`), the missing `dataset_info.json` of a data
+  set not prepared yet (prepared next, or an `error:` with `data.prepare=False`), and a checkpoint
+  folder opened read-only for inference or a stage-1 start (`read_only=True`, `is read only`)."""
+
+  _STARTS = ("Using custom data configuration", "CheckpointManagerOptions.read_only=True", "Given directory is read only")
 
   def filter(self, record) -> bool:
     text = record.getMessage()
-    return not (text.startswith("Using custom data configuration") or text.endswith("has no dataset_info.json"))
+    return not (text.startswith(self._STARTS) or text.endswith("has no dataset_info.json"))
 
 
 def _drop_callbacks_into_a_closed_loop(unraisable) -> None:
@@ -77,7 +80,7 @@ def start(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_handler().addFilter(_WithoutFailedCheckpointWrites())
-  logging.get_absl_handler().addFilter(_WithoutTfdsNotices())
+  logging.get_absl_handler().addFilter(_WithoutNotices())
   sys.unraisablehook = _drop_callbacks_into_a_closed_loop
   if not sys.stderr.isatty():  # a log file: no carriage-return redraws from TFDS's bars either
     import tensorflow_datasets as tfds

@@ -143,6 +143,7 @@ def test_search_command_prints_top_k_and_reads_a_query_file(exported, tmp_path):
   queries.write_text("a man in red trousers\n\na woman with a pink bag\n")
   proc = _cli("search", "--emb", exported[0], "--queries_file", str(queries), "-k", "3", "--index", "faiss")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not re.search(r"^[WE]\d{4} ", proc.stderr, re.M), proc.stderr  # no log noise (cli._WithoutNotices)
   lines = proc.stdout.strip().splitlines()
   assert lines[0] == "query 1: a man in red trousers" and lines[4] == "query 2: a woman with a pink bag"
   assert re.fullmatch(r"\s+1  -?\d\.\d{4}  person \d+  test/\S+\.png", lines[1])
