@@ -113,8 +113,8 @@ def load_trained(workdir: str, step: int | None = None, best: bool = False) -> T
   """The run in `workdir` with the parameters of checkpoint `step` (default: latest); with `best`,
   of the best-on-validation epoch the run kept in `workdir/best`."""
   config = rundir.RunDir(workdir).read_config()
+  step, params = restore_params(workdir, step, best)  # a run without checkpoints is named before its data
   tokenizer = datasets.get_tokenizer(config.data)
-  step, params = restore_params(workdir, step, best)
   return TrainedRun(config, tokenizer, build_model(config, tokenizer), params, step)
 
 
