@@ -99,14 +99,29 @@ def _write_jsonl(path: str, rows) -> None:
 STAGING_DIR = ".staging"  # inside an export directory: the next export, until it is complete
 
 
-def _listed_files(out_dir: str) -> set[str]:
-  """The files of the export in `out_dir` (none if it holds none)."""
+def _manifest_in(out_dir: str) -> dict | None:
+  """The manifest of the export in `out_dir`, or None if it holds none."""
   path = os.path.join(out_dir, MANIFEST_FILE)
   if not os.path.exists(path):
-    return set()
+    return None
   with open(path) as f:
-    old = json.load(f)
+    return json.load(f)
+
+
+def _listed_files(out_dir: str) -> set[str]:
+  """The files of the export in `out_dir` (none if it holds none)."""
+  old = _manifest_in(out_dir)
+  if old is None:
+    return set()
   return {e["file"] for kind in KINDS for e in old["shards"][kind]} | {index_file(kind) for kind in KINDS}
+
+
+def check_options(fmt: str, shard_rows: int) -> None:
+  """Refuses a shard format or size an export cannot be written with (before any work is done)."""
+  if fmt not in FORMATS:
+    raise errors.ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
+  if shard_rows < 1:
+    raise errors.ConfigError(f"shard_rows must be positive, got {shard_rows}")
 
 
 def write_export(out_dir: str, feats: dict[str, np.ndarray], rows: dict[str, list[dict]], meta: dict, shard_rows: int,
@@ -120,10 +135,7 @@ def write_export(out_dir: str, feats: dict[str, np.ndarray], rows: dict[str, lis
   target) raises WriteError naming `out_dir` and leaves the export that was there as it was.
   Files in `out_dir` that are no export's are never touched.
   """
-  if fmt not in FORMATS:
-    raise errors.ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
-  if shard_rows < 1:
-    raise errors.ConfigError(f"shard_rows must be positive, got {shard_rows}")
+  check_options(fmt, shard_rows)
   staging = os.path.join(out_dir, STAGING_DIR)
   try:
     shutil.rmtree(staging, ignore_errors=True)  # left by an export that failed
@@ -174,11 +186,9 @@ def _file_key(path: str) -> tuple[int, int]:
 def _previous_rows(out_dir: str, meta: dict) -> dict[tuple, np.ndarray]:
   """{(path, size, mtime_ns): embedding} of an earlier export of the same images with the same run,
   checkpoint and transforms in `out_dir` (empty if there is none)."""
-  path = os.path.join(out_dir, MANIFEST_FILE)
-  if not os.path.exists(path):
+  old = _manifest_in(out_dir)
+  if old is None:
     return {}
-  with open(path) as f:
-    old = json.load(f)
   same = ("source", "workdir", "step", "best", "images_dir", "image_size", "resize")
   if any(old.get(k) != meta[k] for k in same):
     return {}
@@ -198,6 +208,7 @@ def export_images(workdir: str, images_dir: str, out_dir: str, step: int | None 
   and only the others are embedded (`manifest["embedded"]`, `["reused"]`); the export is rewritten
   whole (`write_export`).
   """
+  check_options(fmt, shard_rows)
   run = inference.load_trained(workdir, step, best)
   data = run.config.data
   meta = {"source": "images", "workdir": os.path.abspath(workdir), "step": int(run.step), "best": best,
@@ -246,8 +257,7 @@ def export_split(workdir: str, split_name: str, out_dir: str, step: int | None =
                  fmt: str = "npy", best: bool = False) -> dict:
   """Embeds every image and caption of `split_name` with checkpoint `step` of `workdir` (its
   best-on-validation one if `best`); returns the manifest."""
-  if fmt not in FORMATS:
-    raise errors.ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
+  check_options(fmt, shard_rows)
   config, _, model, params, step = inference.load_trained(workdir, step, best)
   _, splits = datasets.load(config.data, (split_name,))
   split = splits[split_name]
