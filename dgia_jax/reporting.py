@@ -32,7 +32,7 @@ class Progress:
   def __init__(self, total: int, desc: str, unit: str = "step", initial: int = 0, enabled: bool = True,
                leave: bool = True, every: float = 30.0):
     self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, mininterval=2.0,
-                     dynamic_ncols=True, disable=not enabled) if enabled and interactive() else None
+                     dynamic_ncols=True) if enabled and interactive() else None
     self._plain = enabled and self._bar is None
     self.total, self.done, self.desc, self.unit, self.leave, self.every = total, initial, desc, unit, leave, every
     self._start_done, self._start = initial, time.perf_counter()

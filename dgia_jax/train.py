@@ -143,8 +143,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = recluster(step, state)
         log.restart_clock()  # step timing leaves clustering out
       batch = log.next_batch(batches)
-      state, metrics, counts = built.step(state, parallel.to_global(batch, mesh), pair_pids)
-      log.add(metrics, counts)
+      state, step_metrics, counts = built.step(state, parallel.to_global(batch, mesh), pair_pids)
+      log.add(step_metrics, counts)
       for hook in after_step:
         if hook.due(step + 1):
           hook.run(step + 1, state)
