@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.holdout_val_ids = 0
   c.data.holdout_seed = 0
   c.data.num_threads = 4
+  # A benchmark's image paths must lie inside its imgs/ folder (no `..`, no absolute path, no link
+  # out of it); True lets them point anywhere.
+  c.data.allow_paths_outside = False
 
   c.model = presets.small()
 
@@ -54,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
   # candidates too.
   c.relations.compare = ">="
   c.relations.oracle = False  # measurement only: true person ids as the relations
+  # A collapse: an epoch whose in-batch relations per batch row pass this share of the other rows
+  # of the batch (1: every pair related). The log names it; "stop" also ends the run there.
+  c.relations.collapse_share = 0.5
+  c.relations.on_collapse = "warn"
   # Agreement relations need a spread-out feature space: pretrained CLIP has one from the
   # start (paper: epoch 1, thresholds 0.7). A model trained from scratch does not: measured on
   # this data, relations switched on at epoch 3-4 with thresholds 0.7-0.9 snowball (every

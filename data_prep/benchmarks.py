@@ -40,9 +40,8 @@ import json
 import os
 
 import tensorflow_datasets as tfds
-from PIL import Image
 
-from data_prep import features
+from data_prep import features, images
 from data_prep.errors import SourceInvalid, SourceMissing
 
 IMAGE_DIR = "imgs"
@@ -113,16 +112,22 @@ def read_annotations(path: str) -> list:
       annos = json.load(f)
   except (ValueError, UnicodeDecodeError) as e:
     raise SourceInvalid(f"{path} is not valid JSON: {e}") from e
+  except RecursionError as e:
+    raise SourceInvalid(f"{path} is not an annotation file: its JSON is nested too deeply to be records") from e
   if not isinstance(annos, list):
     raise SourceInvalid(f"{path} must hold a JSON list of records, found {type(annos).__name__}")
   return annos
 
 
+MAX_PERSON_ID = 2**63 - 1  # ids are stored as int64
+
+
 def _person_id(value) -> int | None:
-  if isinstance(value, int) and not isinstance(value, bool):
+  """A record's id as a non-negative 64-bit integer (an int, or a string of ASCII digits), else None."""
+  if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 19:
+    value = int(value)
+  if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_PERSON_ID:
     return value
-  if isinstance(value, str) and value.strip().isdigit():
-    return int(value)
   return None
 
 
@@ -143,19 +148,34 @@ def record_problems(anno, layout: Layout, split_inferred: bool = False) -> list[
       problems += [f"caption {j} is empty or not a string" for j, c in enumerate(captions)
                    if not isinstance(c, str) or not c.strip()]
   if "id" in anno and _person_id(anno["id"]) is None:
-    problems.append(f"id {anno['id']!r} is not an integer")
+    problems.append(f"id {anno['id']!r} is not an integer in [0, 2^63)")
   if layout.path_key in anno and (not isinstance(anno[layout.path_key], str) or not anno[layout.path_key]):
     problems.append(f"{layout.path_key} {anno[layout.path_key]!r} is not a path")
   return problems
 
 
+def path_problem(image_dir: str, path: str, allow_outside: bool) -> str | None:
+  """Why a record's image path may not be read: an absolute path or a `..` step, or a link out of
+  `image_dir` (unless `allow_outside`); None if it stays inside."""
+  if allow_outside:
+    return None
+  if os.path.isabs(path) or ".." in path.replace("\\", "/").split("/"):
+    return f"path {path!r} leaves {IMAGE_DIR}/ (absolute or '..'); data.allow_paths_outside=True permits it"
+  root = os.path.realpath(image_dir)
+  if os.path.commonpath([root, os.path.realpath(os.path.join(image_dir, path))]) != root:
+    return f"path {path!r} links out of {IMAGE_DIR}/; data.allow_paths_outside=True permits it"
+  return None
+
+
 def image_problem(path: str) -> str | None:
-  """Why the image file at `path` is unusable (missing, or PIL cannot decode it); None if fine."""
+  """Why the image file at `path` is unusable (missing, too large, or PIL cannot decode it); None if fine."""
   if not os.path.isfile(path):
     return f"{MISSING_IMAGE}: {path}"
   try:
-    with Image.open(path) as img:
+    with images.open_checked(path) as img:
       img.load()
+  except images.TooLarge as e:
+    return f"image {path} {e}"
   except Exception as e:  # PIL raises several types for corrupt data
     return f"cannot read image {path}: {e}"
   return None
@@ -181,12 +201,14 @@ def infer_splits(annos: list, layout: Layout, path: str) -> list:
           else a for a in annos]
 
 
-def scan(manual_dir: str, layout: Layout, num_threads: int = 8) -> tuple[list[Record], list[Problem], bool]:
+def scan(manual_dir: str, layout: Layout, num_threads: int = 8,
+         allow_outside: bool = False) -> tuple[list[Record], list[Problem], bool]:
   """(valid records, problems, whether the splits were inferred from person ids) of the benchmark
   in `manual_dir`, in file order.
 
   A record with any problem is not among the valid ones; a path is a duplicate when an earlier
-  record has the same one (the earlier record is kept).
+  record has the same one (the earlier record is kept); a path that leaves `imgs/` is a problem
+  unless `allow_outside`.
   """
   path = annotation_file(manual_dir, layout)
   annos = read_annotations(path)
@@ -208,7 +230,11 @@ def scan(manual_dir: str, layout: Layout, num_threads: int = 8) -> tuple[list[Re
       problems[i].append(f"duplicate path: record {first_of[key]} has it too")
     else:
       first_of[key] = i
-  checked = [i for i, p in enumerate(paths) if p != "?"]
+  for i, p in enumerate(paths):
+    problem = None if p == "?" else path_problem(image_dir, p, allow_outside)
+    if problem:
+      problems[i].append(problem)
+  checked = [i for i, p in enumerate(paths) if p != "?" and not problems[i]]
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:  # PIL decodes without the GIL
     for i, problem in zip(checked, pool.map(image_problem, [os.path.join(image_dir, paths[i]) for i in checked])):
       if problem:
@@ -232,9 +258,10 @@ def write_problems(path: str, problems: list[Problem]) -> None:
   for p in problems:
     by_record.setdefault(p.index, []).append(p)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:  # whole or not at all
     for index, ps in by_record.items():
       f.write(json.dumps({"record": index, "path": ps[0].path, "problems": [p.what for p in ps]}) + "\n")
+  os.replace(path + ".tmp", path)
 
 
 def missing_folders(problems: list[Problem]) -> str:
@@ -280,13 +307,15 @@ def published_differences(layout: Layout, name: str, summary: dict[str, dict[str
   return warnings
 
 
-def checked_records(manual_dir: str, layout: Layout, name: str, strict: bool, problems_file: str) -> list[Record]:
+def checked_records(manual_dir: str, layout: Layout, name: str, strict: bool, problems_file: str,
+                    allow_outside: bool = False) -> list[Record]:
   """The valid records; problems raise (strict) or are skipped, counted and listed in `problems_file`.
+  Image paths must stay inside `imgs/` unless `allow_outside`.
 
   Prints whether the splits were inferred from person ids, and how the records differ from the
   published statistics.
   """
-  records, problems, inferred = scan(manual_dir, layout)
+  records, problems, inferred = scan(manual_dir, layout, allow_outside=allow_outside)
   missing = missing_folders(problems)
   if problems:
     write_problems(problems_file, problems)
@@ -320,9 +349,10 @@ class PersonTextBenchmark(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   MANUAL_DOWNLOAD_INSTRUCTIONS = "manual_dir is the benchmark's original folder: its annotation JSON and imgs/."
   LAYOUT: Layout
 
-  def __init__(self, *, strict: bool = True, **kwargs):
-    """`strict`: any bad record fails the build; otherwise bad records are skipped and listed."""
-    self.strict = strict
+  def __init__(self, *, strict: bool = True, allow_outside: bool = False, **kwargs):
+    """`strict`: any bad record fails the build; otherwise bad records are skipped and listed.
+    `allow_outside`: image paths may leave `imgs/` (absolute, `..`, links out of it)."""
+    self.strict, self.allow_outside = strict, allow_outside
     super().__init__(**kwargs)
 
   @property
@@ -334,7 +364,7 @@ class PersonTextBenchmark(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
-    records = checked_records(manual_dir, self.LAYOUT, self.name, self.strict, self.problems_file)
+    records = checked_records(manual_dir, self.LAYOUT, self.name, self.strict, self.problems_file, self.allow_outside)
     return {split: self._generate_examples(manual_dir, [r for r in records if r.split == split])
             for split in self.LAYOUT.splits}
 
@@ -382,11 +412,11 @@ class Rstpreid(PersonTextBenchmark):
 BUILDERS: dict[str, type[PersonTextBenchmark]] = {b.name: b for b in (CuhkPedes, IcfgPedes, Rstpreid)}
 
 
-def make_builder(name: str, data_dir: str, strict: bool = True) -> PersonTextBenchmark:
+def make_builder(name: str, data_dir: str, strict: bool = True, allow_outside: bool = False) -> PersonTextBenchmark:
   """The (maybe unprepared) builder of benchmark `name` under `data_dir`."""
   if name not in BUILDERS:
     raise SourceInvalid(f"unknown benchmark '{name}'; known: {sorted(BUILDERS)}")
-  return BUILDERS[name](data_dir=data_dir, file_format="array_record", strict=strict)
+  return BUILDERS[name](data_dir=data_dir, file_format="array_record", strict=strict, allow_outside=allow_outside)
 
 
 def prepare(builder: PersonTextBenchmark, manual_dir: str) -> None:

@@ -14,7 +14,6 @@ row's paired difference to the first row, seed by seed),
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -24,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dgia_jax import errors, rundir, train  # noqa: E402
+from dgia_jax import errors, files, rundir, train  # noqa: E402
 
 _LOSSES_OFF = {"loss.lrc": False, "loss.iasc": False, "loss.gsrc": False}
 ROWS: dict[str, dict[str, object]] = {
@@ -85,14 +84,12 @@ def run_one(config, workdir: str) -> dict:
   run = rundir.RunDir(workdir)
   time_path = os.path.join(workdir, TIME_FILE)
   if not os.path.exists(run.results):
-    spent = json.load(open(time_path))["seconds"] if os.path.exists(time_path) else 0.0
+    spent = files.read_json(time_path, dict)["seconds"] if os.path.exists(time_path) else 0.0
     started = time.time()
     train.train_and_evaluate(config, workdir)
-    with open(time_path, "w") as f:
-      json.dump({"seconds": spent + time.time() - started}, f)
+    files.write_json(time_path, {"seconds": spent + time.time() - started})
   results = run.read_results()
-  with open(time_path) as f:
-    results["wall_seconds"] = json.load(f)["seconds"]
+  results["wall_seconds"] = files.read_json(time_path, dict)["seconds"]
   relations = run.records("relations")
   results["relations"] = relations[-1] if relations else {}
   return results
@@ -178,13 +175,17 @@ def bar_chart(summary: dict, path: str) -> None:
   ax.grid(axis="y", alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  try:
+    files.replace_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+  finally:
+    plt.close(fig)
 
 
 def run_study(config, root: str, rows: list[str], seeds: int, command: str) -> str:
   """Trains every (row, seed) under `root` (finished runs are reused) and writes ablation.md,
   ablation.json and ablation.png there; returns the markdown report."""
+  if not rows:
+    raise errors.ConfigError(f"give at least one ablation row; known: {sorted(ROWS)}")
   unknown = [r for r in rows if r not in ROWS]
   if unknown:
     raise errors.ConfigError(f"unknown ablation rows {unknown}; known: {sorted(ROWS)}")
@@ -193,11 +194,14 @@ def run_study(config, root: str, rows: list[str], seeds: int, command: str) -> s
     for row in rows:
       print(f"ablation: row {row}, seed {seed}", flush=True)
       per_row[row].append(run_one(row_config(config, row, seed), os.path.join(root, row, f"seed{seed}")))
+  diverged = [f"{row} seed {seed}" for row, runs in per_row.items() for seed, r in enumerate(runs)
+              if "t2i" not in r["final"]]
+  if diverged:
+    raise errors.NonFiniteError(f"{len(diverged)} runs of the study diverged and have no figures ({', '.join(diverged)}; "
+                                "see their results.json): no table is made of them")
   summary = summarize(per_row)
   report = markdown(summary, command)
-  with open(os.path.join(root, "ablation.md"), "w") as f:
-    f.write(report)
-  with open(os.path.join(root, "ablation.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  files.write_text(os.path.join(root, "ablation.md"), report)
+  files.write_json(os.path.join(root, "ablation.json"), summary)
   bar_chart(summary, os.path.join(root, "ablation.png"))
   return report

@@ -8,6 +8,7 @@ checkpoint, or an earlier dgia-jax run to fine-tune.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import flax.traverse_util
 import jax
@@ -16,7 +17,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from dgia_jax import errors, identity_graph, inference, optim, rundir, step as step_lib
+from dgia_jax import config_domains, errors, identity_graph, inference, optim, parallel, rundir, step as step_lib
 from dgia_jax.models import checkpoint_io, clip
 from dgia_jax.objective import Objective
 
@@ -31,6 +32,32 @@ class Training:
   objective: Objective
   state: step_lib.TrainState
   step: object
+
+
+def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """Refuses, naming the key, a config with no meaning here, before anything is written: a value
+  outside its domain (`config_domains`), a batch the mesh does not divide, a start that is not there."""
+  config_domains.check(config)
+  parallel.check_divisible(config.train.batch_size, mesh)
+  parallel.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+  step_lib.check_micro_batch(config.train.batch_size, config.train.micro_batch, mesh.devices.size)
+  init_from, init_config = config.model.init_from, config.model.init_config
+  if init_config and not os.path.isfile(init_config):
+    raise errors.MissingPathError(f"model.init_config={init_config}: no such config file")
+  if init_from and not init_config and not os.path.exists(init_from):
+    raise errors.MissingPathError(f"model.init_from={init_from}: no such CLIP checkpoint or dgia-jax training workdir")
+
+
+def check_rerun(config: ml_collections.ConfigDict, run: rundir.RunDir) -> None:
+  """Refuses, without touching the run, a rerun into `run` whose config changes what that run trains
+  (`config_domains.conflicts`: a model shape, the data, a loss, the seed), naming every such key."""
+  if not os.path.exists(run.config_file):
+    return
+  conflicts = config_domains.conflicts(run.read_config(), config)
+  if conflicts:
+    raise errors.ConfigError(f"--workdir {run.path} holds a run trained with another config; a rerun may not change "
+                             f"{len(conflicts)} of its keys (train into another --workdir instead):\n  "
+                             + "\n  ".join(conflicts))
 
 
 def training(config: ml_collections.ConfigDict, tokenizer, steps_per_epoch: int, num_pairs: int, mesh: Mesh,

@@ -11,6 +11,7 @@ changes nothing on disk.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 
@@ -23,12 +24,26 @@ from dgia_jax import errors, parallel
 DAMAGED_DIR = "damaged"  # inside a checkpoint directory: checkpoints set aside because they did not restore
 
 
-def _first_line(error: Exception, limit: int = 300) -> str:
-  """What went wrong in one line: TensorStore's appended spec dropped; a long line keeps its start
-  and its end, where the cause is ("... File too large")."""
+def _first_line(error: Exception) -> str:
+  """What went wrong in one line, whole: TensorStore's appended spec and source locations dropped."""
   line = (str(error).strip().splitlines() or [type(error).__name__])[0]
   line = line.split(" See full TensorStore details")[0]
-  return line if len(line) <= limit else f"{line[:limit // 2]} … {line[-limit // 2:]}"
+  return re.sub(r"\s*\[source locations='[^']*'\]", "", line).strip()
+
+
+class _Vanished(Exception):
+  """A checkpoint step removed while it was being read."""
+
+
+def _listing(list_steps, tries: int = 10):
+  """`list_steps()` (opening a manager, reloading its steps), again if a step vanished while it was
+  listed: the writer of a live run removes its oldest steps as it saves new ones."""
+  for _ in range(tries - 1):
+    try:
+      return list_steps()
+    except (FileNotFoundError, NotADirectoryError):  # a step's folder, gone between listing and reading
+      time.sleep(0.01)
+  return list_steps()
 
 
 TMP_MARK = ".orbax-checkpoint-tmp"  # in the name of a step orbax had not finished writing
@@ -47,26 +62,38 @@ class Checkpointer:
           if TMP_MARK in name:
             shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
       parallel.barrier("unfinished checkpoints removed")
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        item_handlers=ocp.StandardCheckpointHandler(),
-        options=ocp.CheckpointManagerOptions(
-            save_interval_steps=every_steps, max_to_keep=keep, create=not read_only, read_only=read_only,
-            enable_async_checkpointing=async_save))
+    options = ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=keep, create=not read_only,
+                                           read_only=read_only, enable_async_checkpointing=async_save)
+    self._manager = _listing(lambda: ocp.CheckpointManager(self.directory, item_handlers=ocp.StandardCheckpointHandler(),
+                                                           options=options))
     self._closed = False
+    self._pending: int | None = None  # the step of an asynchronous write not known to have finished
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def _newest_restorable(self, restore_step, steps: list[int] | None = None, set_aside: bool = False):
     """(step, restore_step(step)) of the newest of `steps` (default: all) that restores (with
-    `set_aside`, the newer ones that did not moved to `damaged/`); None if there are no checkpoints."""
+    `set_aside`, the newer ones that did not moved to `damaged/`); None if there are no checkpoints.
+
+    A step that vanished while it was read (the writer of a live run removed it, keeping its newest
+    `keep`) is no failure: the steps are listed again and the newest of them is read."""
+    for _ in range(10):
+      try:
+        return self._first_restorable(restore_step, steps, set_aside)
+      except _Vanished:
+        _listing(self._manager.reload)
+    return self._first_restorable(restore_step, steps, set_aside)
+
+  def _first_restorable(self, restore_step, steps: list[int] | None, set_aside: bool):
     failures = []
     for step in sorted(self._manager.all_steps() if steps is None else steps, reverse=True):
       try:
         restored = restore_step(step)
         ok = True
       except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise many types for damaged files)
+        if steps is None and not os.path.isdir(os.path.join(self.directory, str(step))):
+          raise _Vanished() from e
         failures.append((step, e))
         ok = False
       if parallel.any_process(not ok):  # every process restores the same step
@@ -122,31 +149,47 @@ class Checkpointer:
 
   def save(self, step: int, state, force: bool = False) -> bool:
     """Saves `state` as step `step` when due (or `force`); a step saved before (a run resumed from
-    an earlier checkpoint writes it again) is replaced. A failed write (this one, or the previous
-    asynchronous one, which orbax reports here) raises WriteError naming the directory; the
-    checkpoints committed before it stay intact (orbax writes a temporary folder, then renames it)."""
+    an earlier checkpoint writes it again) is replaced. A failed write raises WriteError naming the
+    directory and the step whose write failed (an asynchronous one is known to have failed only when
+    the next save or `close` waits for it); the checkpoints committed before it stay intact (orbax
+    writes a temporary folder, then renames it)."""
+    if not (force or self._manager.should_save(step)):
+      return False
+    self._finish_pending()
     try:
-      if step in self._manager.all_steps() and (force or self._manager.should_save(step)):
+      if step in self._manager.all_steps():
         self._manager.delete(step)
-      return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+      saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
     except (OSError, ValueError) as e:  # TensorStore reports a failed write as ValueError
       raise self._write_error(step, e) from e
+    self._pending = step
+    return saved
 
-  def _write_error(self, step: int, error: Exception) -> errors.WriteError:
-    kept = f"; the newest intact checkpoint is step {self._manager.latest_step()}" if self._manager.all_steps() else ""
-    return errors.WriteError(f"could not write a checkpoint to {self.directory} (at step {step}): "
+  def _finish_pending(self) -> None:
+    """Waits for the asynchronous write in flight; WriteError names its step if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except (OSError, ValueError) as e:
+      raise self._write_error(self._pending, e) from e
+    finally:
+      self._pending = None
+
+  def _write_error(self, step: int | None, error: Exception) -> errors.WriteError:
+    steps = [s for s in self._manager.all_steps() if s != step]
+    kept = f"; the newest intact checkpoint is step {max(steps)}" if steps else ""
+    return errors.WriteError(f"could not write a checkpoint to {self.directory} (step {step}): "
                              f"{_first_line(error)}{kept}")
 
   def close(self, quiet: bool = False) -> None:
     """Waits for pending writes; a failed asynchronous write raises WriteError naming the directory
-    (not if `quiet`: closing after another error). Closing again does nothing."""
+    and step (not if `quiet`: closing after another error). Closing again does nothing."""
     if self._closed:
       return
     self._closed = True
     try:
-      self._manager.wait_until_finished()
-    except (OSError, ValueError) as e:
+      self._finish_pending()
+    except errors.WriteError:
       if not quiet:
-        raise self._write_error(self._manager.latest_step() or 0, e) from e
+        raise
     finally:
       self._manager.close()

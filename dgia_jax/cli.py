@@ -32,8 +32,7 @@ def enable_compilation_cache() -> str:
   first compilation. Programs that compile in under a second are not kept (JAX's default).
   Returns the directory ("" when off)."""
   path = user_cache_dir("xla") if _COMPILATION_CACHE_DIR.value is None else _COMPILATION_CACHE_DIR.value
-  if path:
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(path) if path else None)  # off even if JAX's env says on
   return path
 
 
@@ -77,7 +76,7 @@ def start(argv: list[str]) -> None:
   and turn on the compilation cache."""
   host_memory.retain_freed_memory()
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.ConfigError(f"unexpected arguments {argv[1:]}: every option is a --flag")
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_handler().addFilter(_WithoutFailedCheckpointWrites())
   logging.get_absl_handler().addFilter(_WithoutNotices())
@@ -103,26 +102,47 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that reports a bad `--config.*` override in one line, not a traceback."""
+  """absl flag parsing that reports, in one line, a bad flag value, a bad `--config.*` override and a
+  `--config` file that cannot be loaded (missing, a folder, or raising), not a traceback."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # ml_collections' way of saying "no such key"
     key = str(e).strip("\"'")
     culprit = next((a for a in argv[1:] if a.startswith("--config.") and key.split("'")[0] in a), "a --config flag")
     sys.exit(f"error: unknown config key {key!r} in {culprit}")
-  except flags.Error as e:
-    sys.exit(f"error: {e}")
+  except flags.Error as e:  # several missing flags are several lines: one line naming each
+    sys.exit("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()))
+  for name in flags.FLAGS:
+    flag = flags.FLAGS[name]
+    if type(flag.value).__name__ == "_ErrorConfig":  # ml_collections' placeholder for a config that did not load
+      cause = object.__getattribute__(flag.value, "_error")
+      sys.exit(f"error: --{name} {flag.config_filename}: {_config_file_problem(flag.config_filename, cause)}")
+  return rest
+
+
+def _config_file_problem(path: str, cause: Exception) -> str:
+  """Why config file `path` did not load, in one line."""
+  if not os.path.exists(path):
+    return "no such file"
+  if os.path.isdir(path):
+    return "a folder, not a config file"
+  lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+  return lines[-1] if lines else type(cause).__name__
 
 
 def run(main) -> None:
   """Runs `main` as absl does, a bad flag reported in one line (`parse_flags`); a user's error
-  (`errors.USER_ERRORS`) ends the program with `error: <it>` and exit status 1, no traceback.
-  Any other exception keeps its traceback."""
+  (`errors.USER_ERRORS`) ends the program with `error: <it>` and exit status 1, no traceback, and so
+  does an operating-system error (a path that is missing, a folder where a file was expected, no
+  permission, a full disk): it names the file. Any other exception keeps its traceback."""
 
   def guarded(argv):
     try:
       return main(argv)
     except errors.USER_ERRORS as e:
       sys.exit(f"error: {e}")
+    except OSError as e:
+      where = f": {e.filename}" if e.filename else ""
+      sys.exit(f"error: {e.strerror or e}{where}")
 
   app.run(guarded, flags_parser=parse_flags)

@@ -35,4 +35,16 @@ class WriteError(UserError, OSError):
   """A file could not be written (disk full, file-size limit, read-only target); what was there before is intact."""
 
 
+class BusyError(UserError, BlockingIOError):
+  """A run directory another live process is writing (its lock is held)."""
+
+
+class CollapseError(UserError, RuntimeError):
+  """A training run stopped because its in-batch relations related (nearly) every pair of a batch."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+  """Numbers that are not finite where figures or parameters are made from them: the model diverged."""
+
+
 USER_ERRORS = (UserError, source_errors.SourceError)

@@ -33,17 +33,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
 import io
 import json
 import os
-import shutil
+import stat as stat_module
 
 import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from dgia_jax import errors, inference, metrics, parallel, reporting
+from dgia_jax import errors, files, inference, metrics, parallel
 from dgia_jax.data import datasets, pipeline
 
 MANIFEST_FILE = "manifest.json"
@@ -91,29 +92,25 @@ def _shard_bytes(part: np.ndarray, fmt: str) -> bytes:
   return buf.getvalue()
 
 
-def _write_jsonl(path: str, rows) -> None:
-  with open(path, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
-STAGING_DIR = ".staging"  # inside an export directory: the next export, until it is complete
+def _jsonl_bytes(rows: list[dict]) -> bytes:
+  return "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows).encode()
 
 
 def _manifest_in(out_dir: str) -> dict | None:
   """The manifest of the export in `out_dir`, or None if it holds none."""
   path = os.path.join(out_dir, MANIFEST_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path, dict) if os.path.exists(path) else None
 
 
 def _listed_files(out_dir: str) -> set[str]:
-  """The files of the export in `out_dir` (none if it holds none)."""
-  old = _manifest_in(out_dir)
-  if old is None:
+  """The files of the export in `out_dir` (none if it holds none, or a manifest too damaged to list them)."""
+  try:
+    old = _manifest_in(out_dir)
+    if old is None:
+      return set()
+    return {e["file"] for kind in KINDS for e in old["shards"][kind]} | {index_file(kind) for kind in KINDS}
+  except (errors.BadInputError, KeyError, TypeError):
     return set()
-  return {e["file"] for kind in KINDS for e in old["shards"][kind]} | {index_file(kind) for kind in KINDS}
 
 
 def check_options(fmt: str, shard_rows: int) -> None:
@@ -129,35 +126,30 @@ def write_export(out_dir: str, feats: dict[str, np.ndarray], rows: dict[str, lis
   """Writes an export (module docstring) whole or not at all; returns its manifest.
 
   `feats` and `rows` hold, per kind, float32 [N, D] embeddings and their N index rows; `meta` goes
-  into the manifest. Every file is first written into `out_dir/.staging`; only when all are
-  written are they moved in, the manifest last, and the files of the export there before that
-  the new one does not reuse removed. A write that fails (disk full, file-size limit, read-only
-  target) raises WriteError naming `out_dir` and leaves the export that was there as it was.
-  Files in `out_dir` that are no export's are never touched.
+  into the manifest, with each shard's and each index file's sha256. The files are written into a
+  staging folder and moved in only when all are written, the manifest last
+  (`files.replace_folder_files`): a failed write (disk full, file-size limit, read-only target)
+  raises WriteError naming `out_dir` and leaves the export there as it was. Files in `out_dir` that
+  are no export's are never touched.
   """
   check_options(fmt, shard_rows)
-  staging = os.path.join(out_dir, STAGING_DIR)
-  try:
-    shutil.rmtree(staging, ignore_errors=True)  # left by an export that failed
-    os.makedirs(staging)
+  files.make_dirs(out_dir, "--out")
+  manifest = {}
+
+  def write_into(staging: str) -> None:
     shards = {kind: write_shards(staging, kind, feats[kind], shard_rows, fmt) for kind in KINDS}
+    index = {}
     for kind in KINDS:
-      _write_jsonl(os.path.join(staging, index_file(kind)), rows[kind])
+      data = _jsonl_bytes(rows[kind])
+      with open(os.path.join(staging, index_file(kind)), "wb") as f:
+        f.write(data)
+      index[index_file(kind)] = hashlib.sha256(data).hexdigest()
     dims = {int(f.shape[1]) for f in feats.values() if len(f)}
-    manifest = {**meta, "format": fmt, "dim": dims.pop() if dims else 0,
-                "counts": {kind: len(feats[kind]) for kind in KINDS}, "shards": shards}
-    reporting.write_json(os.path.join(staging, MANIFEST_FILE), manifest)
-  except OSError as e:
-    shutil.rmtree(staging, ignore_errors=True)
-    kept = "; the export there before is intact" if os.path.exists(os.path.join(out_dir, MANIFEST_FILE)) else ""
-    raise errors.WriteError(f"could not write the export to {out_dir}: {e}{kept}") from e
-  old = _listed_files(out_dir)
-  new = sorted(set(os.listdir(staging)) - {MANIFEST_FILE})
-  for name in new + [MANIFEST_FILE]:
-    os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-  for name in old - set(new):
-    os.remove(os.path.join(out_dir, name))
-  os.rmdir(staging)
+    manifest.update({**meta, "format": fmt, "dim": dims.pop() if dims else 0,
+                     "counts": {kind: len(feats[kind]) for kind in KINDS}, "shards": shards, "index": index})
+    files.write_json(os.path.join(staging, MANIFEST_FILE), manifest)
+
+  files.replace_folder_files(out_dir, write_into, _listed_files(out_dir), last=MANIFEST_FILE)
   return manifest
 
 
@@ -165,36 +157,68 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _DECODE_CHUNK = 1024  # own images decoded and embedded this many at a time (memory: ~150 MB at 384x128)
 
 
-def list_images(images_dir: str) -> list[str]:
-  """The image files (`IMAGE_SUFFIXES`, any case) under `images_dir`, recursively, as sorted paths relative to it."""
+def list_images(images_dir: str) -> tuple[list[dict], list[dict]]:
+  """(images, unreadable) under `images_dir`, recursively, in sorted path order.
+
+  An image (`IMAGE_SUFFIXES`, any case) is {"path" (relative to `images_dir`), "resolved" (its real
+  file, relative to the folder's real path), "size", "mtime_ns"}. What cannot be read as one is
+  listed in `unreadable` ({"path", "error"}), never dropped silently: a dangling link, a link loop, a
+  link to a file outside the folder, something that is not a plain file, a link to a folder (not
+  followed).
+  """
   if not os.path.isdir(images_dir):
     raise errors.MissingPathError(f"--images {images_dir} is not a folder")
-  found = []
-  for root, dirs, files in os.walk(images_dir):
+  root = os.path.realpath(images_dir)
+  found, unreadable = [], []
+  for dirpath, dirs, names in os.walk(images_dir):  # links to folders are listed in dirs, never entered
     dirs.sort()
-    found += [os.path.relpath(os.path.join(root, f), images_dir) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-  if not found:
+    for name in dirs:
+      if os.path.islink(os.path.join(dirpath, name)):
+        unreadable.append({"path": os.path.relpath(os.path.join(dirpath, name), images_dir),
+                           "error": "a link to a folder, not followed"})
+    for name in names:
+      if not name.lower().endswith(IMAGE_SUFFIXES):
+        continue
+      full = os.path.join(dirpath, name)
+      rel = os.path.relpath(full, images_dir)
+      try:
+        entry = _image_entry(full, root)
+        found.append({"path": rel, **entry})
+      except OSError as e:
+        unreadable.append({"path": rel, "error": e.strerror or str(e)})
+  if not found and not unreadable:
     raise errors.BadInputError(f"--images {images_dir} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-  return sorted(found)
+  return sorted(found, key=lambda e: e["path"]), sorted(unreadable, key=lambda e: e["path"])
 
 
-def _file_key(path: str) -> tuple[int, int]:
-  stat = os.stat(path)
-  return stat.st_size, stat.st_mtime_ns
+def _image_entry(path: str, root: str) -> dict:
+  """{"resolved", "size", "mtime_ns"} of an image file; OSError says why it cannot be one."""
+  real = os.path.realpath(path)
+  stat = os.stat(path)  # a dangling link or a loop: OSError
+  if os.path.commonpath([root, real]) != root:
+    raise OSError(errno.EXDEV, "a link to a file outside the folder")
+  if not stat_module.S_ISREG(stat.st_mode):
+    raise OSError(errno.EINVAL, "not a plain file")
+  return {"resolved": os.path.relpath(real, root), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _previous_rows(out_dir: str, meta: dict) -> dict[tuple, np.ndarray]:
-  """{(path, size, mtime_ns): embedding} of an earlier export of the same images with the same run,
-  checkpoint and transforms in `out_dir` (empty if there is none)."""
-  old = _manifest_in(out_dir)
-  if old is None:
+def _previous_rows(out_dir: str, meta: dict) -> dict[tuple, tuple[np.ndarray, str]]:
+  """{(path, resolved, size, mtime_ns): (embedding, sha256)} of an earlier export of the same images
+  with the same run, checkpoint and transforms in `out_dir` (empty if there is none or it is damaged)."""
+  try:
+    old = _manifest_in(out_dir)
+    same = ("source", "workdir", "step", "best", "images_dir", "images_root", "image_size", "resize")
+    if old is None or any(old.get(k) != meta[k] for k in same):
+      return {}
+    emb = load(out_dir)
+  except errors.UserError:
     return {}
-  same = ("source", "workdir", "step", "best", "images_dir", "image_size", "resize")
-  if any(old.get(k) != meta[k] for k in same):
-    return {}
-  emb = load(out_dir)
   feats = np.concatenate(emb.images) if emb.images else np.zeros((0, emb.manifest["dim"]), np.float32)
-  return {(r["path"], r["size"], r["mtime_ns"]): feats[r["row"]] for r in emb.image_index}
+  return {_image_key(r): (feats[r["row"]], r["sha256"]) for r in emb.image_index}
+
+
+def _image_key(entry: dict) -> tuple:
+  return entry["path"], entry["resolved"], entry["size"], entry["mtime_ns"]
 
 
 def export_images(workdir: str, images_dir: str, out_dir: str, step: int | None = None, shard_rows: int = 65536,
@@ -202,46 +226,50 @@ def export_images(workdir: str, images_dir: str, out_dir: str, step: int | None 
   """Embeds every image under `images_dir` (`list_images`) with the run's eval transforms and image
   tower, as an export with no captions and no person ids; returns the manifest.
 
-  A file PIL cannot decode is listed in the manifest's `unreadable` (path and error), never
-  dropped silently. If `out_dir` holds an export of the same folder by the same run, checkpoint and
-  transforms, files whose path, size and modification time are unchanged keep their embedding
-  and only the others are embedded (`manifest["embedded"]`, `["reused"]`); the export is rewritten
-  whole (`write_export`).
+  A file that cannot be read or decoded is listed in the manifest's `unreadable` (path and error),
+  never dropped silently. Each image's row records its size, modification time and sha256, what the
+  search service checks before it serves the file. If `out_dir` holds an export of the same folder by
+  the same run, checkpoint and transforms, files whose path, size and modification time are unchanged
+  keep their embedding and only the others are embedded (`manifest["embedded"]`, `["reused"]`); the
+  export is rewritten whole (`write_export`).
   """
   check_options(fmt, shard_rows)
   run = inference.load_trained(workdir, step, best)
   data = run.config.data
   meta = {"source": "images", "workdir": os.path.abspath(workdir), "step": int(run.step), "best": best,
-          "images_dir": os.path.abspath(images_dir), "image_size": list(data.image_size),
-          "resize": data.get("resize", "bicubic"), "config": run.config.to_dict()}
-  files = list_images(images_dir)
-  keys = [(rel, *_file_key(os.path.join(images_dir, rel))) for rel in files]
+          "images_dir": os.path.abspath(images_dir), "images_root": os.path.realpath(images_dir),
+          "image_size": list(data.image_size), "resize": data.get("resize", "bicubic"), "config": run.config.to_dict()}
+  listed, unreadable = list_images(images_dir)
   previous = _previous_rows(out_dir, meta)
-  todo = [key for key in keys if key not in previous]
+  todo = [entry for entry in listed if _image_key(entry) not in previous]
   mesh = parallel.make_mesh()
   encoders = inference.make_encoders(run.model, mesh)
-  embedded, unreadable = dict(previous), []
+  embedded = dict(previous)
 
-  def decode(key):
-    with open(os.path.join(images_dir, key[0]), "rb") as f:
-      return pipeline.decode_image(f.read(), tuple(data.image_size), meta["resize"])
+  def decode(entry: dict) -> tuple[np.ndarray, str]:
+    with open(os.path.join(images_dir, entry["path"]), "rb") as f:
+      raw = f.read()
+    image = pipeline.decode_image(raw, tuple(data.image_size), meta["resize"], name=entry["path"])
+    return image, hashlib.sha256(raw).hexdigest()
 
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:  # PIL decodes without the GIL
     for start in range(0, len(todo), _DECODE_CHUNK):
       chunk = todo[start:start + _DECODE_CHUNK]
-      decoded = list(pool.map(lambda key: _try(decode, key), chunk))
-      good = [(key, img) for key, img in zip(chunk, decoded) if not isinstance(img, Exception)]
-      unreadable += [{"path": key[0], "error": str(img)} for key, img in zip(chunk, decoded) if isinstance(img, Exception)]
+      decoded = list(pool.map(lambda entry: _try(decode, entry), chunk))
+      good = [(entry, out) for entry, out in zip(chunk, decoded) if not isinstance(out, Exception)]
+      unreadable += [{"path": entry["path"], "error": _reason(out)} for entry, out in zip(chunk, decoded)
+                     if isinstance(out, Exception)]
       if good:
-        feats = inference.encode_images(encoders, run.params, np.stack([img for _, img in good]), mesh,
+        feats = inference.encode_images(encoders, run.params, np.stack([img for _, (img, _) in good]), mesh,
                                         run.config.eval.batch_size)
-        embedded.update({key: f for (key, _), f in zip(good, feats)})
-  kept = [key for key in keys if key in embedded]
+        embedded.update({_image_key(entry): (f, sha) for (entry, (_, sha)), f in zip(good, feats)})
+  kept = [entry for entry in listed if _image_key(entry) in embedded]
   dim = run.model.cfg.embed_dim
-  feats = np.stack([embedded[key] for key in kept]) if kept else np.zeros((0, dim), np.float32)
-  rows = {"images": [{"row": i, "path": key[0], "size": key[1], "mtime_ns": key[2]} for i, key in enumerate(kept)],
+  feats = np.stack([embedded[_image_key(e)][0] for e in kept]) if kept else np.zeros((0, dim), np.float32)
+  rows = {"images": [{"row": i, **e, "sha256": embedded[_image_key(e)][1]} for i, e in enumerate(kept)],
           "texts": []}
-  meta.update(embedded=len(todo) - len(unreadable), reused=sum(key in previous for key in kept), unreadable=unreadable)
+  meta.update(embedded=len(kept) - sum(_image_key(e) in previous for e in kept),
+              reused=sum(_image_key(e) in previous for e in kept), unreadable=sorted(unreadable, key=lambda u: u["path"]))
   return write_export(out_dir, {"images": feats, "texts": np.zeros((0, dim), np.float32)}, rows, meta, shard_rows, fmt)
 
 
@@ -251,6 +279,10 @@ def _try(fn, arg):
     return fn(arg)
   except (OSError, errors.BadInputError) as e:
     return e
+
+
+def _reason(error: Exception) -> str:
+  return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 def export_split(workdir: str, split_name: str, out_dir: str, step: int | None = None, shard_rows: int = 65536,
@@ -264,12 +296,14 @@ def export_split(workdir: str, split_name: str, out_dir: str, step: int | None =
   mesh = parallel.make_mesh()
   txt, img = inference.extract_features(inference.make_encoders(model, mesh), params, split, mesh,
                                         config.eval.batch_size)
-  rows = {"images": [{"row": r, "record": r, "path": p, "person_id": int(pid)}
+  rows = {"images": [{"row": r, "record": r, "path": p, "person_id": int(pid),
+                      "source_record": int(split.source_records[r]),
+                      "sha256": hashlib.sha256(split.image_bytes(r)).hexdigest()}
                      for r, (p, pid) in enumerate(zip(split.image_paths, split.person_ids))],
           "texts": [{"row": i, "caption": c, "record": int(r), "person_id": int(split.person_ids[r])}
                     for i, (c, r) in enumerate(zip(split.pair_caption, split.pair_record))]}
   meta = {"source": "split", "workdir": os.path.abspath(workdir), "step": int(step), "best": best,
-          "split": split_name, "config": config.to_dict()}
+          "split": split_name, "source_split": split.source_split, "config": config.to_dict()}
   return write_export(out_dir, {"images": img, "texts": txt}, rows, meta, shard_rows, fmt)
 
 
@@ -297,37 +331,138 @@ class Embeddings:
 
 
 def _read_shard(path: str, entry: dict, fmt: str, dim: int, verify: bool) -> np.ndarray:
-  if not os.path.exists(path):
+  if not os.path.isfile(path):
     raise errors.MissingPathError(f"{path} is missing (listed in the manifest)")
   if verify and sha256(path) != entry["sha256"]:
     raise errors.BadInputError(f"{path}: sha256 differs from the manifest's; the file changed after export")
-  arr = np.load(path, mmap_mode="r") if fmt == "npy" else safetensors.numpy.load_file(path)[_TENSOR]
+  try:
+    arr = np.load(path, mmap_mode="r") if fmt == "npy" else safetensors.numpy.load_file(path)[_TENSOR]
+  except (ValueError, OSError, KeyError) as e:
+    raise errors.BadInputError(f"{path} is damaged: {e}") from e
   if arr.shape != (entry["rows"], dim) or arr.dtype != np.float32:
     raise errors.BadInputError(f"{path}: {arr.dtype} {arr.shape}, the manifest says float32 {(entry['rows'], dim)}")
   return arr
 
 
-def _read_jsonl(path: str, rows: int) -> list[dict]:
-  if not os.path.exists(path):
+def _read_index(emb_dir: str, kind: str, manifest: dict) -> list[dict]:
+  """The rows of index file `kind`, checked against the manifest's sha256 and row count."""
+  path = os.path.join(emb_dir, index_file(kind))
+  if not os.path.isfile(path):
     raise errors.MissingPathError(f"{path} is missing")
-  with open(path) as f:
-    out = [json.loads(line) for line in f if line.strip()]
-  if len(out) != rows:
-    raise errors.BadInputError(f"{path}: {len(out)} rows, the manifest says {rows}")
-  return out
+  with open(path, "rb") as f:
+    data = f.read()
+  if hashlib.sha256(data).hexdigest() != manifest["index"][index_file(kind)]:
+    raise errors.BadInputError(f"{path}: sha256 differs from the manifest's; the index changed after export")
+  try:
+    rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+  except (ValueError, RecursionError) as e:
+    raise errors.BadInputError(f"{path} is damaged: {e}") from e
+  if len(rows) != manifest["counts"][kind] or any(not isinstance(r, dict) or r.get("row") != i
+                                                   for i, r in enumerate(rows)):
+    raise errors.BadInputError(f"{path}: {len(rows)} rows numbered otherwise than the manifest's "
+                               f"{manifest['counts'][kind]}")
+  return rows
+
+
+_MANIFEST_KEYS = {"source": str, "format": str, "dim": int, "counts": dict, "shards": dict, "index": dict, "step": int,
+                  "workdir": str, "config": dict}
+_SOURCE_KEYS = {"split": {"split": str, "source_split": str}, "images": {"images_dir": str, "images_root": str}}
+
+
+def read_manifest(emb_dir: str) -> dict:
+  """The manifest of the export in `emb_dir`, its layout checked (BadInputError names what is wrong)."""
+  path = os.path.join(emb_dir, MANIFEST_FILE)
+  if not os.path.isfile(path):
+    raise errors.MissingPathError(f"{path} is missing: {emb_dir} is not an export (python -m dgia_jax.tools.export)")
+  manifest = files.read_json(path, dict)
+  wrong = [k for k, kind in _MANIFEST_KEYS.items() if not isinstance(manifest.get(k), kind)]
+  if not wrong and (manifest["format"] not in FORMATS or set(manifest["index"]) != {index_file(k) for k in KINDS}
+                    or any(not isinstance(manifest["counts"].get(k), int) or not isinstance(manifest["shards"].get(k), list)
+                           for k in KINDS)):
+    wrong = ["format, counts, shards or index"]
+  if not wrong:
+    wrong = [k for k, kind in _SOURCE_KEYS.get(manifest["source"], {"a known source": None}).items()
+             if not isinstance(manifest.get(k), kind or ())]
+  if wrong:
+    hint = " (an export of an older dgia-jax: export again)" if set(wrong) & {"index", "source_split", "images_root"} else ""
+    raise errors.BadInputError(f"{path} is damaged: {', '.join(wrong)} missing or malformed{hint}")
+  return manifest
 
 
 def load(emb_dir: str, verify: bool = True) -> Embeddings:
-  """Reads an export; with `verify`, checks every shard's sha256 against the manifest (one pass over the files)."""
-  path = os.path.join(emb_dir, MANIFEST_FILE)
-  if not os.path.exists(path):
-    raise errors.MissingPathError(f"{path} is missing: {emb_dir} is not an export (python -m dgia_jax.tools.export)")
-  with open(path) as f:
-    manifest = json.load(f)
-  arrays = {kind: [_read_shard(os.path.join(emb_dir, e["file"]), e, manifest["format"], manifest["dim"], verify)
-                   for e in manifest["shards"][kind]] for kind in KINDS}
-  index = {kind: _read_jsonl(os.path.join(emb_dir, index_file(kind)), manifest["counts"][kind]) for kind in KINDS}
+  """Reads an export: its index files always checked against the manifest's sha256, with `verify`
+  every shard too (one pass over the files)."""
+  manifest = read_manifest(emb_dir)
+  try:
+    arrays = {kind: [_read_shard(os.path.join(emb_dir, e["file"]), e, manifest["format"], manifest["dim"], verify)
+                     for e in manifest["shards"][kind]] for kind in KINDS}
+  except (KeyError, TypeError) as e:
+    raise errors.BadInputError(f"{os.path.join(emb_dir, MANIFEST_FILE)} is damaged: a shard entry lacks {e}") from e
+  index = {kind: _read_index(emb_dir, kind, manifest) for kind in KINDS}
   return Embeddings(emb_dir, manifest, arrays["images"], arrays["texts"], index["images"], index["texts"])
+
+
+class ImageChanged(errors.BadInputError):
+  """An exported image whose file or bytes are no longer what the export recorded."""
+
+
+class ExportedImages:
+  """The exported images' file bytes by row, each checked against what the export recorded: its
+  sha256 and, for own images, that the file opened resolves to the one exported inside the exported
+  folder, with the recorded size and modification time. A byte that was not exported is never
+  returned: ImageChanged names the row (never a path) instead.
+
+  A split export's images are read from its data set (`datasets.image_source`), images only.
+  """
+
+  def __init__(self, emb: Embeddings):
+    self._index, m = emb.image_index, emb.manifest
+    if m.get("source") == "images":
+      self._dir, self._root = m["images_dir"], m["images_root"]
+      self._read = self._from_folder
+    else:
+      self._source = datasets.image_source(emb.config.data, m["source_split"])
+      self._read = self._from_data_set
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def bytes(self, row: int) -> bytes:
+    entry = self._index[row]
+    data = self._read(row, entry)
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+      raise ImageChanged(f"image row {row} changed since export (its bytes differ); export again")
+    return data
+
+  def _from_data_set(self, row: int, entry: dict) -> bytes:
+    try:
+      example = self._source[entry["source_record"]]
+    except (IndexError, KeyError) as e:
+      raise ImageChanged(f"image row {row} is no longer in the data set; export again") from e
+    if example["path"].decode() != entry["path"]:
+      raise ImageChanged(f"image row {row} is another image in the data set now; export again")
+    return example["image"]
+
+  def _from_folder(self, row: int, entry: dict) -> bytes:
+    expected = os.path.join(self._root, entry["resolved"])
+    path = os.path.join(self._dir, entry["path"])
+    if os.path.commonpath([self._root, os.path.normpath(expected)]) != self._root:
+      raise ImageChanged(f"image row {row} lies outside the exported folder")
+    try:
+      with open(path, "rb") as f:
+        stat = os.fstat(f.fileno())
+        opened = _opened_path(f, path)
+        if opened != expected or stat.st_size != entry["size"] or stat.st_mtime_ns != entry["mtime_ns"]:
+          raise ImageChanged(f"image row {row} changed since export (another file, size or time); export again")
+        return f.read(entry["size"] + 1)
+    except OSError as e:
+      raise ImageChanged(f"image row {row} cannot be read since export ({e.strerror or e}); export again") from e
+
+
+def _opened_path(f, path: str) -> str:
+  """The real path of open file `f`: what the OS opened (Linux's /proc), else `path` resolved."""
+  proc = f"/proc/self/fd/{f.fileno()}"
+  return os.readlink(proc) if os.path.islink(proc) else os.path.realpath(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,23 +500,74 @@ def faiss_index(shards: list[np.ndarray], factory: str = "Flat", nprobe: int = 8
 
   `factory` is a FAISS index factory string: "Flat" is exact (it holds the gallery in RAM,
   float32); e.g. "IVF1024,PQ32" stores 32 bytes per item for galleries beyond memory, is
-  trained on the first shard, and searches `nprobe` of its lists (approximate).
+  trained on the first shard, and searches `nprobe` of its lists (approximate). A factory FAISS
+  does not parse, or one whose training needs more rows than the first shard has, is a ConfigError.
   """
   faiss = _import_faiss()
-  index = faiss.index_factory(shards[0].shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-  if not index.is_trained:
-    index.train(np.ascontiguousarray(shards[0], np.float32))
-  for shard in shards:
-    index.add(np.ascontiguousarray(shard, np.float32))
+  dim = shards[0].shape[1] if shards else 0
+  try:
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+  except RuntimeError as e:
+    raise errors.ConfigError(f"--faiss_factory {factory!r} is not a FAISS index factory: {_faiss_reason(e)}") from e
+  try:
+    if not index.is_trained:
+      index.train(np.ascontiguousarray(shards[0], np.float32))
+    for shard in shards:
+      index.add(np.ascontiguousarray(shard, np.float32))
+  except RuntimeError as e:
+    raise errors.ConfigError(f"--faiss_factory {factory!r} cannot index this gallery ({sum(map(len, shards))} rows, "
+                             f"the first shard trains it): {_faiss_reason(e)}") from e
   if "IVF" in factory:
     faiss.extract_index_ivf(index).nprobe = nprobe
   return index
+
+
+def _faiss_reason(error: RuntimeError) -> str:
+  """FAISS's message without its C++ location lines."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  said = [line for line in lines if line.lower().startswith("error")]
+  return (said or lines or [type(error).__name__])[-1].removeprefix("Error: ").strip("'")
 
 
 def faiss_search(queries: np.ndarray, index, k: int) -> tuple[np.ndarray, np.ndarray]:
   """Scores float32 [Q, k] and gallery rows int64 [Q, k] from a `faiss_index`."""
   scores, rows = index.search(np.ascontiguousarray(queries, np.float32), min(k, index.ntotal))
   return scores, rows.astype(np.int64)
+
+
+INDEXES = ("exact", "faiss")
+
+
+class Searcher:
+  """Top-k search over an export's image shards, exact or through FAISS: one behaviour for every
+  caller (`tools.search`, `tools.serve`, `tools.report`).
+
+  Exact search pads the queries to a multiple of `query_block` rows and rounds k up to a power of
+  two, so the jitted search compiles once per such shape, not per query count or k asked for.
+  """
+
+  def __init__(self, shards: list[np.ndarray], index: str = "exact", faiss_factory: str = "Flat", nprobe: int = 8,
+               query_block: int = 16):
+    if index not in INDEXES:
+      raise errors.ConfigError(f"index must be one of {', '.join(INDEXES)}, got {index!r}")
+    self.shards, self.query_block = shards, query_block
+    self.size = sum(len(s) for s in shards)
+    self._faiss = faiss_index(shards, faiss_factory, nprobe) if index == "faiss" and self.size else None
+
+  def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores float32 [Q, k'] and image rows int64 [Q, k'] of each query [Q, D]'s k' = min(k, size)
+    most similar images, best first (ties in gallery order)."""
+    if k < 1:
+      raise errors.ConfigError(f"k must be at least 1, got {k}")
+    k = min(k, self.size)
+    if k == 0:
+      return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+    if self._faiss is not None:
+      return faiss_search(queries, self._faiss, k)
+    k_search = min(1 << (k - 1).bit_length(), self.size)
+    padded = np.concatenate([queries, np.zeros((-len(queries) % self.query_block, queries.shape[1]), np.float32)])
+    scores, rows = exact_search(padded, self.shards, k_search)
+    return scores[:len(queries), :k], rows[:len(queries), :k]
 
 
 def take_rows(shards: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
@@ -391,15 +577,27 @@ def take_rows(shards: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
   return np.stack([shards[s][r - offsets[s]] for s, r in zip(which, rows)]).astype(np.float32)
 
 
+def read_queries(path: str) -> list[str]:
+  """The non-blank lines of UTF-8 text file `path`, stripped: search queries, one a line."""
+  if not os.path.isfile(path):
+    raise errors.MissingPathError(f"--queries_file {path}: " + ("a folder, not a file" if os.path.isdir(path)
+                                                               else "no such file"))
+  try:
+    with open(path, encoding="utf-8") as f:
+      queries = [line.strip() for line in f if line.strip()]
+  except UnicodeDecodeError as e:
+    raise errors.BadInputError(f"--queries_file {path} is not UTF-8 text (byte {e.start})") from e
+  if not queries:
+    raise errors.BadInputError(f"{path} holds no queries (one a line)")
+  return queries
+
+
 def search_texts(emb: Embeddings, texts: list[str], k: int, index: str = "exact", workdir: str | None = None,
                  faiss_factory: str = "Flat", nprobe: int = 8) -> tuple[np.ndarray, np.ndarray]:
   """Scores float32 [Q, k] and image rows int64 [Q, k] of each text's top-k images: the texts
   embedded with the run (`workdir`, default the export's) and checkpoint the export names."""
+  searcher = Searcher(emb.images, index, faiss_factory, nprobe)
   run = inference.load_trained(workdir or emb.manifest["workdir"], emb.manifest["step"],
                                emb.manifest.get("best", False))
-  queries = inference.embed_texts(run, texts)
-  if index == "exact":
-    return exact_search(queries, emb.images, k)
-  if index == "faiss":
-    return faiss_search(queries, faiss_index(emb.images, faiss_factory, nprobe), k)
-  raise errors.ConfigError(f"index must be 'exact' or 'faiss', got {index!r}")
+  queries, _ = inference.TextEncoder(run).embed(texts)
+  return searcher.search(queries, k)

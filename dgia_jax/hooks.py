@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dgia_jax import checkpointing, clustering, inference, objective, parallel, reporting
+from dgia_jax import checkpointing, clustering, errors, inference, metrics, objective, parallel, reporting
 from dgia_jax.data.pipeline import Split
 
 
@@ -52,8 +52,9 @@ class StepLog:
   """
 
   def __init__(self, writer: reporting.MetricWriter, steps_per_epoch: int, start_step: int, total_steps: int,
-               stop_on_nonfinite: bool):
+               stop_on_nonfinite: bool, batch_size: int = 0, collapse_share: float = 1.0, stop_on_collapse: bool = False):
     self._writer, self._steps_per_epoch, self._stop = writer, steps_per_epoch, stop_on_nonfinite
+    self._batch_size, self._collapse_share, self._stop_on_collapse = batch_size, collapse_share, stop_on_collapse
     self.bar = reporting.Progress(total_steps, "train", initial=start_step, enabled=writer.enabled)
     self._pending: list[tuple[dict, dict]] = []
     self._epoch_counts: dict[str, float] = {}
@@ -78,8 +79,8 @@ class StepLog:
       reporting.message(text)
 
   def flush(self, done: int, state=None) -> None:
-    """The `train` record of the steps since the last flush; raises FloatingPointError on skipped
-    steps if the run stops on them."""
+    """The `train` record of the steps since the last flush; raises NonFiniteError on skipped steps
+    if the run stops on them."""
     del state
     if not self._pending:
       return
@@ -88,26 +89,46 @@ class StepLog:
     elapsed = time.perf_counter() - self._clock
     timing = {"seconds_per_step": elapsed / len(fetched), "data_wait_fraction": self._waited / elapsed}
     self.restart_clock()
-    means = {k: float(np.mean([m[k] for m, _ in fetched])) for k in fetched[0][0]}
+    # Means over the steps that were applied: a skipped step's loss or gradient norm is not finite,
+    # and no figure is made of it (an interval of skipped steps only has no means).
+    applied = [m for m, c in fetched if not c["skipped"]]
+    means = {k: float(np.mean([m[k] for m in applied])) for k in fetched[0][0]} if applied else {}
     sums = {k: float(np.sum([c[k] for _, c in fetched])) for k in fetched[0][1]}
     self._epoch_counts = {k: self._epoch_counts.get(k, 0.0) + v for k, v in sums.items()}
     self._writer.write({"kind": "train", "step": done, "epoch": done / self._steps_per_epoch, **means,
                         **objective.summarize_relations(sums), "skipped_steps": int(sums["skipped"]), **timing})
-    self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
+    if means:
+      self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
     if sums["skipped"] and self._stop:
-      raise FloatingPointError(f"non-finite loss or gradients in {int(sums['skipped'])} of steps "
-                               f"{done - len(fetched) + 1}..{done} (updates skipped; the last checkpoint is intact). "
-                               "Set --config.train.on_nonfinite=skip to skip such steps and go on.")
+      raise errors.NonFiniteError(
+          f"non-finite loss, gradients or update in {int(sums['skipped'])} of steps {done - len(fetched) + 1}..{done} "
+          "(updates skipped; the last checkpoint is intact). Set --config.train.on_nonfinite=skip to skip such steps "
+          "and go on.")
 
   def end_epoch(self, done: int, state=None) -> None:
-    """The `relations` record of the epoch that ends at `done` (if any relation was measured)."""
+    """The `relations` record of the epoch that ends at `done` (if any relation was measured). If the
+    in-batch relations per batch row passed `collapse_share` of the batch's other rows, the record
+    and the log say the relations collapsed; with `stop_on_collapse` the run stops (CollapseError)."""
     del state
     relations = objective.summarize_relations(self._epoch_counts)
     self._epoch_counts = {}
-    if relations:
-      epoch = done // self._steps_per_epoch
-      self._writer.write({"kind": "relations", "step": done, "epoch": epoch, **relations})
-      self.message(f"epoch {epoch} relations (vs hidden ids): {reporting.format_metrics(relations)}")
+    if not relations:
+      return
+    epoch = done // self._steps_per_epoch
+    others = max(self._batch_size - 1, 1)
+    collapsed = {name: relations[f"{name}_relations_per_batch_row"] for name in ("lrc", "iasc")
+                 if relations.get(f"{name}_relations_per_batch_row", 0.0) > self._collapse_share * others}
+    self._writer.write({"kind": "relations", "step": done, "epoch": epoch, **relations,
+                        **({"collapsed": sorted(collapsed)} if collapsed else {})})
+    self.message(f"epoch {epoch} relations (vs hidden ids): {reporting.format_metrics(relations)}")
+    if collapsed:
+      figures = ", ".join(f"{name} {rate:.1f} of the {others} other rows of a batch per row ({100 * rate / others:.0f} %)"
+                          for name, rate in collapsed.items())
+      text = (f"epoch {epoch}: the in-batch relations collapsed: {figures}, over relations.collapse_share="
+              f"{self._collapse_share:g}; every pair of a batch is becoming related")
+      if self._stop_on_collapse:
+        raise errors.CollapseError(f"{text} (relations.on_collapse=stop; the epoch's checkpoint is kept)")
+      self.message(f"warning: {text} (relations.on_collapse=warn)")
 
   def close(self) -> None:
     self.bar.close()
@@ -150,6 +171,7 @@ def pseudo_identities(encoders, params, split: Split, mesh, ccfg: ml_collections
   """
   started = time.perf_counter()
   img = inference.extract_image_features(encoders, params, split, mesh, global_batch)
+  metrics.require_finite(img, "training image features")
   labels = clustering.cluster_images(img, np.arange(split.num_images), k1=ccfg.k1, k2=ccfg.k2, eps=ccfg.eps,
                                      min_samples=ccfg.min_samples)
   quality = {**clustering.label_quality(labels, split.person_ids), "seconds": time.perf_counter() - started}
@@ -177,11 +199,19 @@ class Recluster:
     return clusters_due(self._ccfg, step, self._steps_per_epoch)
 
   def __call__(self, step: int, state):
-    labels, quality = pseudo_identities(self._encoders, state.params, self._split, self._mesh, self._ccfg,
-                                        self._batch_size)
+    """The state with pseudo ids from its parameters; unchanged (the record says why) if its features
+    are not finite."""
+    epoch = step // self._steps_per_epoch + 1
+    try:
+      labels, quality = pseudo_identities(self._encoders, state.params, self._split, self._mesh, self._ccfg,
+                                          self._batch_size)
+    except errors.NonFiniteError as e:
+      self._writer.write({"kind": "clusters", "step": step, "epoch": epoch, "diverged": str(e)})
+      self._log.message(f"epoch {epoch} clusters: not made, the pseudo ids kept: {e}")
+      return state
     padded = np.full(self._rows, -1, np.int32)
     padded[:self._split.num_pairs] = labels
-    record = {"kind": "clusters", "step": step, "epoch": step // self._steps_per_epoch + 1, **quality}
+    record = {"kind": "clusters", "step": step, "epoch": epoch, **quality}
     self._writer.write(record)
     self._log.message(f"epoch {record['epoch']} clusters (vs hidden ids): {reporting.format_metrics(quality)}")
     return state.replace(pseudo_ids=parallel.global_array(padded, parallel.data_sharding(self._mesh)))

@@ -123,27 +123,23 @@ def run_tokenizer_path(workdir: str) -> str:
   return datasets.tokenizer_path(rundir.RunDir(workdir).read_config().data)
 
 
-def embed_texts(run: TrainedRun, texts: list[str]) -> np.ndarray:
-  """float32 [Q, D]: free-text queries embedded by the run's text tower."""
-  mesh = parallel.make_mesh()
-  return encode_tokens(make_encoders(run.model, mesh), run.params, run.tokenizer.encode(texts, "queries"), mesh,
-                       run.config.eval.batch_size)
-
-
 class TextEncoder:
   """The run's text tower for free-text queries, tokenized as its captions were, compiled once for
   batches of `batch` queries: fewer are padded, more go in several calls, so no query count ever
   compiles again. Single-process."""
 
-  def __init__(self, run: TrainedRun, batch: int = 16):
-    self.tokenizer, self.batch, self._params = run.tokenizer, batch, run.params
+  def __init__(self, run: TrainedRun, batch: int = 16, warn: bool = True):
+    if batch < 1:
+      raise errors.ConfigError(f"the query batch must be at least 1, got {batch}")
+    self.tokenizer, self.batch, self._params, self._warn = run.tokenizer, batch, run.params, warn
     self.max_pieces = run.tokenizer.context_length - 2  # more are cut
     self._encode = jax.jit(lambda p, tokens: run.model.apply({"params": p}, tokens, method=clip.CLIP.encode_text))
     self.embed(["warm up"])  # compile now, not at the first query
 
   def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 [Q, D] embeddings, int64 [Q] word pieces of each text before any cut)."""
-    tokens, pieces = self.tokenizer.encode_counted(texts, "query")
+    """(float32 [Q, D] embeddings, int64 [Q] word pieces of each text before any cut; with `warn`, a
+    warning says how many were cut)."""
+    tokens, pieces = self.tokenizer.encode_counted(texts, "queries", warn=self._warn)
     feats = []
     for start in range(0, len(tokens), self.batch):
       part = tokens[start:start + self.batch]

@@ -35,7 +35,9 @@ def main(argv):
   except hooks.Preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
   final = results["final"]
-  print(f"final ({final['split']}, epoch {final['epoch']}): text→image {reporting.format_metrics(final['t2i'])}")
+  figures = (f"text→image {reporting.format_metrics(final['t2i'])}" if "t2i" in final
+             else f"diverged, no figures: {final['diverged']}")
+  print(f"final ({final['split']}, epoch {final['epoch']}): {figures}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ For each query the gallery is ranked by descending similarity; ties keep gallery
   mINP   = 100 · mean_q  n / r_n              (inverse rank of the hardest positive)
   mAP    = 100 · mean_q AP
 
-Instead of sorting whole rows, the rank of each positive is counted directly,
+Figures are never computed from non-finite numbers: features or similarities holding a NaN or an
+infinity are refused (`errors.NonFiniteError`), since a NaN compares false both ways and would rank
+every positive first (R1 100, mAP over 100). Instead of sorting whole rows, the rank of each positive is counted directly,
 r_j = 1 + #{g : s_g > s_j or (s_g = s_j and g < j)}, in fixed-size query blocks, so
 neither a full similarity matrix nor a full argsort is ever materialised.
 """
@@ -21,9 +23,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgia_jax import errors
+
 MAX_RANK = 10
 METRIC_NAMES = ("R1", "R5", f"R{MAX_RANK}", "mAP", "mINP")
 _BLOCK_ELEMENTS = 1 << 25  # block rows × max positives × gallery size per jitted call
+
+
+def require_finite(values, what: str) -> None:
+  """Raises NonFiniteError naming `what` ("text features") if any row of `values` [N, ...] holds a
+  NaN or an infinity."""
+  bad = ~np.isfinite(np.asarray(values)).reshape(len(values), -1).all(axis=1)
+  if bad.any():
+    raise errors.NonFiniteError(f"{int(bad.sum())} of {len(values)} {what} are not finite (the model diverged); "
+                                "no figure is computed from them")
 
 
 def positive_index(query_pids: np.ndarray, gallery_pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +110,7 @@ def _ranks_in_blocks(similarity_of, num_queries: int, pos_idx: np.ndarray, pos_v
 
 def rank_metrics(similarity, query_pids, gallery_pids) -> dict[str, float]:
   """Metrics of a similarity matrix [Q, G] (rows are queries)."""
+  require_finite(similarity, "similarity rows")
   sim = jnp.asarray(similarity, jnp.float32)
   pos_idx, pos_valid = positive_index(query_pids, gallery_pids)
   ranks = _ranks_in_blocks(lambda rows: sim[rows], sim.shape[0], pos_idx, pos_valid, sim.shape[1])
@@ -105,6 +119,8 @@ def rank_metrics(similarity, query_pids, gallery_pids) -> dict[str, float]:
 
 def retrieval_metrics(query_feats, gallery_feats, query_pids, gallery_pids) -> dict[str, float]:
   """Metrics of cosine retrieval between L2-normalised features [Q, D] and [G, D]."""
+  require_finite(query_feats, "query features")
+  require_finite(gallery_feats, "gallery features")
   q = jnp.asarray(query_feats, jnp.float32)
   g = jnp.asarray(gallery_feats, jnp.float32)
   pos_idx, pos_valid = positive_index(query_pids, gallery_pids)
@@ -114,6 +130,8 @@ def retrieval_metrics(query_feats, gallery_feats, query_pids, gallery_pids) -> d
 
 def evaluate_retrieval(text_feats, image_feats, text_pids, image_pids) -> dict[str, dict[str, float]]:
   """Text→image (every caption a query over every image) and image→text metrics."""
+  require_finite(text_feats, "text features")
+  require_finite(image_feats, "image features")
   return {"t2i": retrieval_metrics(text_feats, image_feats, text_pids, image_pids),
           "i2t": retrieval_metrics(image_feats, text_feats, image_pids, text_pids)}
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from dgia_jax import errors, identity_graph, losses, perturb
+from dgia_jax import identity_graph, losses, perturb
 from dgia_jax.models import clip
 
 TERMS = ("itc", "lrc", "iasc", "gsrc")  # config.loss switches, summed in this order
@@ -110,24 +110,6 @@ def _gsrc(o: "Objective", b: _Batch):
 _TERM_FNS = {"itc": _itc, "lrc": _lrc, "iasc": _iasc, "gsrc": _gsrc}
 
 
-# Options with a fixed set of values: (section, key) -> the values.
-CHOICES = {("relations", "compare"): (">=", ">"), ("iasc", "relations"): ("clean", "perturbed"),
-           ("iasc", "erase_fill"): perturb.ERASE_FILLS, ("gsrc", "rows"): ("batch", "batch+bank"),
-           ("gsrc", "candidates"): ("exclude_self", "skip_top1"), ("gsrc", "bank_features"): ("normalised", "raw")}
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Refuses, naming the key, an objective option with no meaning."""
-  if not any(config.loss[name] for name in TERMS):
-    raise errors.ConfigError(f"no loss is enabled in config.loss (set one of {', '.join(f'loss.{t}' for t in TERMS)})")
-  for (section, key), values in CHOICES.items():
-    if config[section][key] not in values:
-      raise errors.ConfigError(f"{section}.{key} must be one of {', '.join(map(repr, values))}, got {config[section][key]!r}")
-  clusters = config.relations.clusters
-  if clusters.enabled and clusters.mode not in ("or", "replace"):
-    raise errors.ConfigError(f"relations.clusters.mode must be 'or' or 'replace', got {clusters.mode!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """The terms switched on in `config.loss`, over `model`'s embeddings.
@@ -149,7 +131,6 @@ class Objective:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, model: clip.CLIP, mask_id: int, steps_per_epoch: int,
                   mesh: Mesh) -> "Objective":
-    check_config(config)
     starts = {"relations": (config.relations.start_epoch - 1) * steps_per_epoch,
               "gsrc": (config.gsrc.start_epoch - 1) * steps_per_epoch}
     return cls(model, config, mask_id, starts, mesh)

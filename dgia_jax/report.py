@@ -3,9 +3,10 @@
   python -m dgia_jax.tools.report --emb emb/ --num_queries 8 -k 5 --out report/
 
 Queries are captions of the exported split drawn at random (`--seed`), searched with their
-exported embeddings over the exported images (`gallery.exact_search`). Ground truth is the
-split's person ids: a green border is the caption's person, red another. Images are read
-from the data set in the run's config (the export's manifest). Writes into `--out`:
+exported embeddings over the exported images (`gallery.Searcher`). Ground truth is the split's
+person ids: a green border is the caption's person, red another. Images are the exported ones,
+read from the data set and checked against the export (`gallery.ExportedImages`). Writes into
+`--out`, whole or not at all (a failed write leaves the report there before):
 
   report.html    each query's text and its top-k thumbnails with scores
   report.png     the same as one grid, a row per query (matplotlib)
@@ -15,6 +16,7 @@ from the data set in the run's config (the export's manifest). Writes into `--ou
 from __future__ import annotations
 
 import html
+import io
 import os
 import textwrap
 
@@ -25,8 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dgia_jax import errors, gallery  # noqa: E402
-from dgia_jax.data import datasets  # noqa: E402
+from dgia_jax import errors, files, gallery  # noqa: E402
 
 HTML_FILE, PNG_FILE, IMAGES_DIR = "report.html", "report.png", "images"
 DPI = 100
@@ -39,29 +40,24 @@ def figure_size(num_queries: int, k: int) -> tuple[float, float]:
   return TEXT_WIDTH + k * CELL_WIDTH, num_queries * CELL_HEIGHT
 
 
+MAX_QUERIES, MAX_K = 200, 50  # a page and a picture a person can look at
+
+
 def top_k_of_sample(emb: gallery.Embeddings, num_queries: int, k: int, seed: int) -> dict[str, np.ndarray]:
   """`queries` int64 [N] (caption rows, sorted), their top-k `scores` [N, k], image `rows` [N, k] and `hit` [N, k]."""
   total = emb.manifest["counts"]["texts"]
   queries = np.sort(np.random.default_rng(seed).choice(total, min(num_queries, total), replace=False))
-  scores, rows = gallery.exact_search(gallery.take_rows(emb.texts, queries), emb.images, k)
+  scores, rows = gallery.Searcher(emb.images).search(gallery.take_rows(emb.texts, queries), k)
   query_pids = np.array([emb.text_index[q]["person_id"] for q in queries])
   image_pids = np.array([item["person_id"] for item in emb.image_index])
   return {"queries": queries, "scores": scores, "rows": rows, "hit": image_pids[rows] == query_pids[:, None]}
 
 
 def load_images(emb: gallery.Embeddings, rows: np.ndarray) -> dict[int, np.ndarray]:
-  """uint8 [H, W, 3] of each distinct image row, from the data set of the export's run."""
-  split_name = emb.manifest["split"]
-  _, splits = datasets.load(emb.config.data, (split_name,))
-  split = splits[split_name]
-  images = {}
-  for row in np.unique(rows):
-    path = emb.image_index[row]["path"]
-    if split.image_paths[row] != path:
-      raise errors.BadInputError(f"image row {row} of {emb.path} is {path}, but split '{split_name}' of the data set has "
-                       f"{split.image_paths[row]} there: the data set changed since export")
-    images[int(row)] = split.load_image(int(row))
-  return images
+  """uint8 [H, W, 3] of each distinct image row, the exported files' bytes (checked) decoded as stored."""
+  exported = gallery.ExportedImages(emb)
+  return {int(row): np.asarray(Image.open(io.BytesIO(exported.bytes(int(row)))).convert("RGB"))
+          for row in np.unique(rows)}
 
 
 def write_html(emb: gallery.Embeddings, found: dict[str, np.ndarray], image_files: dict[int, str], path: str) -> None:
@@ -111,18 +107,33 @@ def plot_grid(emb: gallery.Embeddings, found: dict[str, np.ndarray], images: dic
   plt.close(fig)
 
 
+def check_sizes(num_queries: int, k: int) -> None:
+  """Refuses, before any work, a report too large to look at (or to draw)."""
+  if not 1 <= num_queries <= MAX_QUERIES:
+    raise errors.ConfigError(f"--num_queries must be from 1 to {MAX_QUERIES}, got {num_queries}")
+  if not 1 <= k <= MAX_K:
+    raise errors.ConfigError(f"-k must be from 1 to {MAX_K}, got {k}")
+
+
 def write_report(emb: gallery.Embeddings, out_dir: str, num_queries: int = 8, k: int = 5, seed: int = 0) -> dict:
-  """Writes report.html, report.png and images/ into `out_dir`; returns what was found (`top_k_of_sample`)."""
+  """Writes report.html, report.png and images/ into `out_dir`, whole or not at all; returns what
+  was found (`top_k_of_sample`)."""
+  check_sizes(num_queries, k)
   if not emb.text_index:
     raise errors.BadInputError(f"{emb.path} holds no captions (an export of own images): the report samples a "
                                "split's captions; search it with text instead (tools.search, tools.serve)")
   found = top_k_of_sample(emb, num_queries, k, seed)
   images = load_images(emb, found["rows"])
-  os.makedirs(os.path.join(out_dir, IMAGES_DIR), exist_ok=True)
-  image_files = {}
-  for row, image in images.items():
-    image_files[row] = f"{IMAGES_DIR}/record-{row:06d}.png"
-    Image.fromarray(image).save(os.path.join(out_dir, image_files[row]))
-  write_html(emb, found, image_files, os.path.join(out_dir, HTML_FILE))
-  plot_grid(emb, found, images, os.path.join(out_dir, PNG_FILE))
+
+  def write_into(staging: str) -> None:
+    os.makedirs(os.path.join(staging, IMAGES_DIR))
+    image_files = {}
+    for row, image in images.items():
+      image_files[row] = f"{IMAGES_DIR}/record-{row:06d}.png"
+      Image.fromarray(image).save(os.path.join(staging, image_files[row]))
+    write_html(emb, found, image_files, os.path.join(staging, HTML_FILE))
+    plot_grid(emb, found, images, os.path.join(staging, PNG_FILE))
+
+  files.make_dirs(out_dir, "--out")
+  files.replace_folder_files(out_dir, write_into, {HTML_FILE, PNG_FILE, IMAGES_DIR}, last=HTML_FILE)
   return found

@@ -1,11 +1,10 @@
-"""Metrics to a JSONL file and to TensorBoard, results as JSON, training curves as PNG, and progress
-that reads well in a terminal (tqdm's bars) and in a log file (plain periodic lines)."""
+"""Metrics to a JSONL file and to TensorBoard, training curves as PNG, and progress that reads well in
+a terminal (tqdm's bars) and in a log file (plain periodic lines)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
@@ -16,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
-from dgia_jax import errors, rundir  # noqa: E402
+from dgia_jax import errors, files, rundir  # noqa: E402
 
 
 def interactive() -> bool:
@@ -105,9 +104,9 @@ class MetricWriter:
     if enabled:
       def write(tmp):
         with open(tmp, "w") as f:
-          f.writelines(json.dumps(r) + "\n" for r in self.records)
+          f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in self.records)
 
-      replace_whole(self.path, write)
+      files.replace_whole(self.path, write)
       self._board = summary_writer(run.path, purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, record: dict) -> None:
@@ -115,7 +114,7 @@ class MetricWriter:
     if self.enabled:
       try:
         with open(self.path, "a") as f:
-          f.write(json.dumps(record) + "\n")
+          f.write(json.dumps(record, allow_nan=False) + "\n")
       except OSError as e:
         raise errors.WriteError(f"could not append to {self.path}: {e}") from e
       for tag, value in tensorboard_scalars(record).items():
@@ -143,34 +142,10 @@ def summary_writer(logdir: str, purge_step: int | None):
   return tensorboardX.SummaryWriter(logdir, purge_step=purge_step, flush_secs=10)
 
 
-def replace_whole(path: str, write) -> None:
-  """Writes `path` whole or not at all: `write(tmp_path)` then a rename. If it fails (disk full,
-  file-size limit, read-only target), raises WriteError naming `path`; a file already there is intact."""
-  tmp = path + ".tmp"
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except OSError as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    kept = "; the previous one is intact" if os.path.exists(path) else ""
-    raise errors.WriteError(f"could not write {path}: {e}{kept}") from e
-
-
-def write_json(path: str, obj) -> None:
-  """`obj` as indented JSON at `path`, written whole or not at all (`replace_whole`)."""
-
-  def write(tmp):
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=1, default=str)
-
-  replace_whole(path, write)
-
-
 def plot_curves(records: list[dict], path: str, title: str = "") -> None:
   """Loss terms against step, and retrieval metrics against epoch, in one PNG."""
   train = [r for r in records if r["kind"] == "train"]
-  evals = [r for r in records if r["kind"] == "eval"]
+  evals = [r for r in records if r["kind"] == "eval" and "t2i" in r]  # a diverged evaluation has no figures
   fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
   loss_keys = sorted({k for r in train for k in r if k.startswith("loss")})
   for key in loss_keys:
@@ -196,7 +171,7 @@ def plot_curves(records: list[dict], path: str, title: str = "") -> None:
   fig.suptitle(title)
   fig.tight_layout()
   try:
-    replace_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    files.replace_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
   finally:
     plt.close(fig)
 

@@ -19,7 +19,7 @@ import os
 
 import ml_collections
 
-from dgia_jax import errors
+from dgia_jax import errors, files
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -53,19 +53,17 @@ class RunDir:
     return bool(self.path) and os.path.isfile(self.config_file) and os.path.isdir(self.checkpoints)
 
   def read_config(self) -> ml_collections.ConfigDict:
-    if not os.path.exists(self.config_file):
+    if not os.path.isfile(self.config_file):
       raise errors.MissingPathError(f"{self.path} is not a training workdir: {CONFIG_FILE} is missing")
-    with open(self.config_file) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(files.read_json(self.config_file, dict))
 
   def write_config(self, config: ml_collections.ConfigDict) -> None:
-    os.makedirs(self.path, exist_ok=True)
-    with open(self.config_file, "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    """config.json, whole or not at all (a full disk leaves the one there before)."""
+    files.make_dirs(self.path, "--workdir")
+    files.write_text(self.config_file, config.to_json_best_effort(indent=1))
 
   def read_results(self) -> dict:
-    with open(self.results) as f:
-      return json.load(f)
+    return files.read_json(self.results, dict)
 
   def records(self, kind: str | None = None) -> list[dict]:
     """The records of metrics.jsonl (of `kind` only, if given), in order. A last line cut short (a

@@ -7,30 +7,46 @@
   GET /images/<row>                      an image the export lists, by its row
   GET /                                  the page: a query box and the top-k as a grid of thumbnails
 
-Everything is loaded once (`SearchService`): the export (checked against its manifest), the run's
-text tower compiled for batches of `query_batch` queries, the gallery's index. Queries that
-arrive together are embedded together (`_Batcher`: each waits a few milliseconds for others),
-then searched as `gallery.exact_search` does (or through FAISS). No path a client sends reaches
-the file system: images are addressed by row, and only the files the manifest lists are read.
-Bad input gets a 4xx JSON body {"error": "<what>"}, and the service keeps serving.
+(HEAD too.) Everything is loaded once (`SearchService`): the export (checked against its manifest,
+its index files by their sha256), the run's text tower compiled for batches of `query_batch`
+queries, the gallery's `gallery.Searcher`. Queries that arrive together are embedded together
+(`_Batcher`: each waits a few milliseconds for others).
+
+What it serves is only what was exported: no path a client sends reaches the file system (images
+are addressed by row), and an image's bytes are served only if they are the exported file's
+(`gallery.ExportedImages`; else 410 naming the row). Requests must name an allowed host (loopback
+by default: DNS rebinding), carry the token when one is set (required off loopback), be GET or HEAD
+without a body and with a short URL; every response carries a content security policy and the
+usual hardening headers, the page writes server text with `textContent` only. A malformed
+parameter is a 4xx JSON body {"error": "<what>"}, never a 500, and the service keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
-import os
+import hashlib
+import hmac
+import ipaddress
 import random
+import re
 import time
+from urllib.parse import parse_qs
 
-import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException
 
 from dgia_jax import errors, gallery, inference
-from dgia_jax.data import datasets
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+TOKEN_COOKIE = "dgia_jax_token"
+MAX_URL_BYTES = 4096  # path and query string; a description needs far less
+MAX_QUERY_CHARS = 1000
+MAX_K = 1000
+_ROW = re.compile(r"[0-9]{1,12}")  # ASCII digits only: str.isdigit() takes '²' and Arabic-Indic digits
 
 
 class RequestError(Exception):
@@ -39,6 +55,16 @@ class RequestError(Exception):
   def __init__(self, status: int, message: str):
     super().__init__(message)
     self.status = status
+
+
+def is_loopback(host: str) -> bool:
+  """Whether `host` (a name or address to listen on) is this machine only."""
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
 
 
 def _media_type(data: bytes) -> str:
@@ -51,65 +77,65 @@ def _media_type(data: bytes) -> str:
   return "application/octet-stream"
 
 
+def parse_row(text: str | None, size: int, what: str) -> int:
+  """Row `text` (ASCII digits) of `size` rows; RequestError (404) names anything else."""
+  if text is None or not _ROW.fullmatch(text) or int(text) >= size:
+    shown = text if text is None or len(text) <= 40 else text[:40] + "…"
+    raise RequestError(404, f"no {what} row {shown!r}: the export holds {size}, addressed 0 to {size - 1}")
+  return int(text)
+
+
+def parse_k(text: str | None, size: int) -> int:
+  """The result count `text` (ASCII digits, 1 to min(size, MAX_K)); default 10."""
+  most = min(size, MAX_K)
+  if text is None:
+    return min(10, most)
+  if not re.fullmatch(r"[0-9]{1,6}", text) or not 1 <= int(text) <= most:
+    shown = text if len(text) <= 40 else text[:40] + "…"
+    raise RequestError(400, f"k must be a whole number from 1 to {most}, got {shown!r}")
+  return int(text)
+
+
 class SearchService:
   """An export, the run that made it and its compiled text tower, ready for queries.
 
   Args:
     emb_dir: the export (`tools.export`).
     workdir: the training run (default: the one the export names).
-    index: "exact" (`gallery.exact_search`) or "faiss" (`gallery.faiss_index`, `faiss_factory`, `nprobe`).
+    index, faiss_factory, nprobe: the `gallery.Searcher`.
     query_batch: queries embedded and searched per call (padded), so shapes never change.
   """
 
   def __init__(self, emb_dir: str, workdir: str | None = None, index: str = "exact", faiss_factory: str = "Flat",
                nprobe: int = 8, query_batch: int = 16, verify: bool = True):
+    if query_batch < 1:
+      raise errors.ConfigError(f"--query_batch must be at least 1, got {query_batch}")
     self.emb = gallery.load(emb_dir, verify=verify)
     m = self.emb.manifest
-    self.run = inference.load_trained(workdir or m["workdir"], m["step"], m.get("best", False))
-    self.encoder = inference.TextEncoder(self.run, query_batch)
     self.size = m["counts"]["images"]
-    self._faiss = gallery.faiss_index(self.emb.images, faiss_factory, nprobe) if index == "faiss" else None
-    self._image_bytes = self._image_reader()
+    if not self.size:
+      raise errors.BadInputError(f"{emb_dir} holds no images to search")
+    self.searcher = gallery.Searcher(self.emb.images, index, faiss_factory, nprobe, query_block=query_batch)
+    self.images = gallery.ExportedImages(self.emb)
+    self.run = inference.load_trained(workdir or m["workdir"], m["step"], m.get("best", False))
+    self.encoder = inference.TextEncoder(self.run, query_batch, warn=False)
     self.search(["warm up"], [1])  # compile the search too
-
-  def _image_reader(self):
-    """row -> the image file's bytes: from the data set for a split export, from the folder for own images."""
-    m = self.emb.manifest
-    if m.get("source") == "images":
-      def from_folder(row: int) -> bytes:
-        path = os.path.join(m["images_dir"], self.emb.image_index[row]["path"])
-        try:
-          with open(path, "rb") as f:
-            return f.read()
-        except OSError as e:
-          raise RequestError(404, f"image row {row}: {path} cannot be read since the export: {e.strerror}") from e
-
-      return from_folder
-    _, splits = datasets.load(self.run.config.data, (m["split"],))
-    split = splits[m["split"]]
-    if split.image_paths != [r["path"] for r in self.emb.image_index]:
-      raise errors.BadInputError(f"the images of split '{m['split']}' differ from those of {self.emb.path}: the "
-                                 "data set changed since export; export again")
-    return split.image_bytes
 
   def search(self, texts: list[str], ks: list[int]) -> list[dict]:
     """For each text and its k: its word pieces, whether they were cut, and the top-k (scores, rows)."""
     feats, pieces = self.encoder.embed(texts)
-    # A k rounded up to a power of two: the jitted top-k compiles once per such k, not per k asked for.
-    k_search = min(1 << (max(ks) - 1).bit_length(), self.size)
-    if self._faiss is not None:
-      scores, rows = gallery.faiss_search(feats, self._faiss, k_search)
-    else:
-      padded = np.concatenate([feats, np.zeros((-len(feats) % self.encoder.batch, feats.shape[1]), feats.dtype)])
-      scores, rows = gallery.exact_search(padded, self.emb.images, k_search)
+    scores, rows = self.searcher.search(feats, max(ks))
     return [{"tokens": int(n), "truncated": bool(n > self.encoder.max_pieces), "scores": scores[i, :k],
              "rows": rows[i, :k]} for i, (n, k) in enumerate(zip(pieces, ks))]
 
   def image(self, row_text: str) -> tuple[bytes, str]:
-    """(bytes, media type) of image row `row_text`; anything but a listed row is refused."""
-    if not row_text.isdigit() or int(row_text) >= self.size:
-      raise RequestError(404, f"no image row {row_text!r}: images are addressed by their row, 0 to {self.size - 1}")
-    data = self._image_bytes(int(row_text))
+    """(bytes, media type) of image row `row_text`: 404 for anything but a listed row, 410 for an
+    image that is no longer what was exported."""
+    row = parse_row(row_text, self.size, "image")
+    try:
+      data = self.images.bytes(row)
+    except gallery.ImageChanged as e:
+      raise RequestError(410, str(e)) from e
     return data, _media_type(data)
 
 
@@ -155,20 +181,80 @@ class _Batcher:
     self._worker.shutdown()
 
 
-def _parse_k(text: str | None, size: int) -> int:
-  if text is None:
-    return min(10, size)
-  try:
-    k = int(text)
-  except ValueError:
-    raise RequestError(400, f"k must be a whole number, got {text!r}") from None
-  if not 1 <= k <= size:
-    raise RequestError(400, f"k must be between 1 and {size} (the gallery's size), got {k}")
-  return k
+def _host_of(header: str) -> str:
+  """The host of a Host header, without its port (`[::1]:8000` -> `::1`), lower-case."""
+  header = header.strip().lower()
+  if header.startswith("["):
+    return header[1:header.find("]")] if "]" in header else ""
+  return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-def create_app(service: SearchService) -> FastAPI:
-  """The FastAPI application of `service` (routes: module docstring)."""
+def _sha256_source(text: str) -> str:
+  return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+class _Guard:
+  """The ASGI layer in front of the application: the host allow-list, the method and size limits,
+  the token, and the hardening headers on every response (a pure ASGI middleware, so it holds for
+  errors too)."""
+
+  def __init__(self, app, allowed_hosts: set[str], token: str | None, csp: str):
+    self._app, self._hosts, self._token, self._csp = app, allowed_hosts, token, csp
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self._app(scope, receive, send)
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    refusal = self._refusal(scope, headers)
+
+    async def hardened(message):
+      if message["type"] == "http.response.start":
+        message = {**message, "headers": list(message.get("headers", [])) + self._security_headers()}
+      await send(message)
+
+    if refusal is None:
+      return await self._app(scope, receive, hardened)
+    status, text = refusal
+    body = JSONResponse({"error": text}, status_code=status, headers={"Cache-Control": "no-store"})
+    await body(scope, receive, hardened)
+
+  def _refusal(self, scope, headers: dict[str, str]) -> tuple[int, str] | None:
+    if _host_of(headers.get("host", "")) not in self._hosts:
+      return 400, "this service does not answer for that Host (allowed: see --allowed_hosts)"
+    if scope["method"] not in ("GET", "HEAD"):
+      return 405, f"method {scope['method']} is not allowed: GET or HEAD"
+    if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+      return 413, "requests carry no body"
+    if len(scope.get("raw_path") or b"") + len(scope.get("query_string", b"")) > MAX_URL_BYTES:
+      return 414, f"the URL is longer than {MAX_URL_BYTES} bytes"
+    if self._token is not None and not self._authorised(scope, headers):
+      return 401, "a token is required: open /?token=<token> once, or send Authorization: Bearer <token>"
+    return None
+
+  def _authorised(self, scope, headers: dict[str, str]) -> bool:
+    offered = []
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+      offered.append(auth[7:].strip())
+    for part in headers.get("cookie", "").split(";"):
+      name, _, value = part.strip().partition("=")
+      if name == TOKEN_COOKIE:
+        offered.append(value)
+    if scope["path"] == "/":
+      offered += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
+    return any(hmac.compare_digest(o.encode(), self._token.encode()) for o in offered)
+
+  def _security_headers(self) -> list[tuple[bytes, bytes]]:
+    return [(b"content-security-policy", self._csp.encode()), (b"x-content-type-options", b"nosniff"),
+            (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+            (b"cross-origin-resource-policy", b"same-origin"), (b"cross-origin-opener-policy", b"same-origin")]
+
+
+def create_app(service: SearchService, allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS, token: str | None = None,
+               docs: bool = False):
+  """The application of `service` (routes: module docstring) behind its guard: requests for a host
+  outside `allowed_hosts` are refused; with `token`, every request must carry it. `docs`: FastAPI's
+  /docs and /openapi.json (off by default)."""
   batcher: dict[str, _Batcher] = {}
 
   @contextlib.asynccontextmanager
@@ -177,30 +263,36 @@ def create_app(service: SearchService) -> FastAPI:
     yield
     await batcher["live"].close()
 
-  app = FastAPI(title="dgia-jax search", lifespan=lifespan)
+  app = FastAPI(title="dgia-jax search", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None,
+                openapi_url="/openapi.json" if docs else None)
   texts = service.emb.text_index
 
   @app.exception_handler(RequestError)
   async def refused(request: Request, e: RequestError):
-    return JSONResponse({"error": str(e)}, status_code=e.status)
+    return JSONResponse({"error": str(e)}, status_code=e.status, headers={"Cache-Control": "no-store"})
 
   @app.exception_handler(HTTPException)
   async def http_error(request: Request, e: HTTPException):
-    return JSONResponse({"error": f"{e.detail}: {request.url.path}"}, status_code=e.status_code)
+    return JSONResponse({"error": f"{e.detail}: {request.url.path[:200]}"}, status_code=e.status_code)
 
-  @app.get("/api/search")
+  @app.exception_handler(errors.UserError)
+  async def user_error(request: Request, e: errors.UserError):
+    return JSONResponse({"error": str(e)}, status_code=400, headers={"Cache-Control": "no-store"})
+
+  @app.api_route("/api/search", methods=["GET", "HEAD"])
   async def search(q: str | None = None, caption: str | None = None, k: str | None = None):
     started = time.perf_counter()
     if (q is None) == (caption is None):
       raise RequestError(400, "give one of q (a description) or caption (the row of one of the export's captions)")
     person = None
     if caption is not None:
-      if not caption.isdigit() or int(caption) >= len(texts):
-        raise RequestError(404, f"no caption row {caption!r}: the export holds {len(texts)} captions")
-      q, person = texts[int(caption)]["caption"], texts[int(caption)].get("person_id")
+      row = parse_row(caption, len(texts), "caption")
+      q, person = texts[row]["caption"], texts[row].get("person_id")
     if not q.strip():
       raise RequestError(400, "the query is empty: describe the person to look for")
-    count = _parse_k(k, service.size)
+    if len(q) > MAX_QUERY_CHARS:
+      raise RequestError(400, f"the query is longer than {MAX_QUERY_CHARS} characters")
+    count = parse_k(k, service.size)
     found = await batcher["live"].search(q, count)
     results = []
     for rank, (score, row) in enumerate(zip(found["scores"], found["rows"]), 1):
@@ -212,86 +304,107 @@ def create_app(service: SearchService) -> FastAPI:
         if person is not None:
           result["match"] = item["person_id"] == person
       results.append(result)
-    return {"query": q, "tokens": found["tokens"], "max_tokens": service.encoder.max_pieces,
-            "truncated": found["truncated"], "k": count, "gallery": service.size, "person_id": person,
-            "latency_ms": round(1000 * (time.perf_counter() - started), 2), "results": results}
+    return JSONResponse({"query": q, "tokens": found["tokens"], "max_tokens": service.encoder.max_pieces,
+                         "truncated": found["truncated"], "k": count, "gallery": service.size, "person_id": person,
+                         "latency_ms": round(1000 * (time.perf_counter() - started), 2), "results": results},
+                        headers={"Cache-Control": "no-store"})
 
-  @app.get("/api/captions/random")
+  @app.api_route("/api/captions/random", methods=["GET", "HEAD"])
   async def random_caption():
     if not texts:
       raise RequestError(404, "this export holds no captions (own images): type a description")
     row = random.randrange(len(texts))
-    return {"row": row, "caption": texts[row]["caption"], "person_id": texts[row].get("person_id")}
+    return JSONResponse({"row": row, "caption": texts[row]["caption"], "person_id": texts[row].get("person_id")},
+                        headers={"Cache-Control": "no-store"})
 
-  @app.get("/images/{row:path}")
+  @app.api_route("/images/{row:path}", methods=["GET", "HEAD"])
   async def image(row: str):
     data, media_type = service.image(row)
-    return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+    return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
-  @app.get("/", response_class=HTMLResponse)
-  async def page():
-    return _PAGE.replace("__GALLERY__", str(service.size)).replace("__CAPTIONS__", str(len(texts)))
+  @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
+  async def page(request: Request):
+    if token is not None and request.query_params.get("token") is not None:  # the guard checked it
+      response = RedirectResponse("/", status_code=303)
+      response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+      return response
+    return HTMLResponse(_PAGE.replace("__GALLERY__", str(service.size)).replace("__CAPTIONS__", str(len(texts))),
+                        headers={"Cache-Control": "no-store"})
 
-  return app
+  csp = (f"default-src 'none'; script-src {_sha256_source(_SCRIPT)}; style-src {_sha256_source(_STYLE)}; "
+         "img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+  return _Guard(app, {h.lower().strip("[]") for h in allowed_hosts}, token, csp)
 
 
-_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>dgia-jax search</title>
-<style>
+_STYLE = """
  body{font-family:sans-serif;margin:24px;background:#fafafa}
  form{display:flex;gap:8px;align-items:center;flex-wrap:wrap}
  #q{flex:1;min-width:320px;font-size:16px;padding:6px}
  #k{width:64px;font-size:16px;padding:6px}
  #status{color:#555;margin:12px 0;min-height:1.2em}
+ #status.error{color:#d62728}
  #results{display:flex;flex-wrap:wrap;gap:10px}
  .tile{margin:0;text-align:center;background:#fff;padding:4px;border:4px solid #ddd;border-radius:4px}
  .tile.hit{border-color:#1a9c3a} .tile.miss{border-color:#d62728}
  .tile img{height:180px;display:block;image-rendering:pixelated}
  .tile figcaption{font-size:13px;margin-top:4px}
- .error{color:#d62728}
-</style></head>
-<body>
-<h1>Find a person by description</h1>
-<p>__GALLERY__ images. Type what the person looks like; or take one of the export's __CAPTIONS__ captions, and each
-result is framed green if it shows that caption's person, red if not.</p>
-<form id="search">
- <input id="q" name="q" placeholder="a woman in a red coat carrying a black backpack" autofocus>
- <label>k <input id="k" name="k" type="number" value="10" min="1"></label>
- <button id="go" type="submit">Search</button>
- <button id="random" type="button">Random caption</button>
-</form>
-<div id="status"></div>
-<div id="results"></div>
-<script>
+"""
+
+_SCRIPT = """
 let captionRow = null;
 const q = document.getElementById("q"), k = document.getElementById("k");
 const status = document.getElementById("status"), results = document.getElementById("results");
+function say(text, isError) { status.textContent = text; status.className = isError ? "error" : ""; }
+async function getJson(url) {
+  const r = await fetch(url);
+  let body;
+  try { body = await r.json(); } catch (e) { body = {error: "the service answered " + r.status}; }
+  return [r.ok, body];
+}
 q.addEventListener("input", () => { captionRow = null; });
 document.getElementById("random").addEventListener("click", async () => {
-  const r = await fetch("/api/captions/random"), body = await r.json();
-  if (!r.ok) { status.innerHTML = '<span class="error">' + body.error + '</span>'; return; }
+  const [ok, body] = await getJson("/api/captions/random");
+  if (!ok) { say(String(body.error), true); return; }
   q.value = body.caption; captionRow = body.row; search();
 });
 document.getElementById("search").addEventListener("submit", (e) => { e.preventDefault(); search(); });
 async function search() {
   const params = new URLSearchParams({k: k.value});
   if (captionRow !== null) params.set("caption", captionRow); else params.set("q", q.value);
-  status.textContent = "searching ...";
-  const r = await fetch("/api/search?" + params), body = await r.json();
-  results.innerHTML = "";
-  if (!r.ok) { status.innerHTML = '<span class="error">' + body.error + '</span>'; return; }
-  status.textContent = body.results.length + " results in " + body.latency_ms.toFixed(1) + " ms; query of " +
-      body.tokens + " word pieces" + (body.truncated ? " (cut to " + body.max_tokens + ")" : "");
+  say("searching ...", false);
+  const [ok, body] = await getJson("/api/search?" + params);
+  results.replaceChildren();
+  if (!ok) { say(String(body.error), true); return; }
+  say(body.results.length + " results in " + body.latency_ms.toFixed(1) + " ms; query of " + body.tokens +
+      " word pieces" + (body.truncated ? " (cut to " + body.max_tokens + ")" : ""), false);
   for (const item of body.results) {
     const tile = document.createElement("figure");
     tile.className = "tile" + ("match" in item ? (item.match ? " hit" : " miss") : "");
     const img = document.createElement("img");
-    img.src = item.image_url; img.alt = item.path; img.title = item.path;
+    img.src = "/images/" + Number(item.row); img.alt = String(item.path); img.title = String(item.path);
     const cap = document.createElement("figcaption");
-    cap.className = "score"; cap.textContent = item.rank + ". " + item.score.toFixed(4);
+    cap.className = "score"; cap.textContent = item.rank + ". " + Number(item.score).toFixed(4);
     tile.append(img, cap); results.append(tile);
   }
 }
-</script>
+"""
+
+_PAGE = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>dgia-jax search</title>
+<style>{_STYLE}</style></head>
+<body>
+<h1>Find a person by description</h1>
+<p>__GALLERY__ images. Type what the person looks like; or take one of the export's __CAPTIONS__ captions, and each
+result is framed green if it shows that caption's person, red if not.</p>
+<form id="search">
+ <input id="q" name="q" maxlength="{MAX_QUERY_CHARS}" placeholder="a woman in a red coat carrying a black backpack"
+  autofocus>
+ <label>k <input id="k" name="k" type="number" value="10" min="1" max="{MAX_K}"></label>
+ <button id="go" type="submit">Search</button>
+ <button id="random" type="button">Random caption</button>
+</form>
+<div id="status"></div>
+<div id="results"></div>
+<script>{_SCRIPT}</script>
 </body></html>
 """

@@ -142,8 +142,8 @@ def make_train_step(objective: objective_lib.Objective, tx: optax.GradientTransf
   """Jitted (state, batch, pair_pids) -> (state, metrics, counts).
 
   The batch is sharded over `data`; `pair_pids` [N_pad] is sharded like the banks and read
-  for measurement (and as relations under `relations.oracle`) only. A step whose loss or
-  gradients are not finite changes nothing but the step counter and reports `skipped = 1`.
+  for measurement (and as relations under `relations.oracle`) only. A step whose loss, gradients or
+  update are not finite changes nothing but the step counter and reports `skipped = 1`.
   With `micro_batch` (rows, a divisor of the batch and a multiple of the devices), the gradient
   is the full batch's, computed a micro-batch at a time (module docstring).
   """
@@ -154,23 +154,31 @@ def make_train_step(objective: objective_lib.Objective, tx: optax.GradientTransf
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
 
     def update(params, opt_state, bank):
-      updates, opt_state = tx.update(grads, opt_state, params)
-      if bank is not None:
-        bank = objective.update_bank(bank, batch, aux)
-      return optax.apply_updates(params, updates), opt_state, bank
+      updates, new_opt_state = tx.update(grads, opt_state, params)
 
-    # A non-finite loss or gradient skips the update: parameters, moments and banks stay as they
-    # were. A conditional, not a select between new and old values: with the select, XLA copies
+      def apply(params, opt_state, bank):
+        del opt_state
+        if bank is not None:
+          bank = objective.update_bank(bank, batch, aux)
+        return optax.apply_updates(params, updates), new_opt_state, bank, jnp.bool_(True)
+
+      # Finite gradients can still make a non-finite update (an overflowing rate or moment): it is
+      # skipped as well, so the parameters never become non-finite.
+      return jax.lax.cond(jnp.isfinite(optax.global_norm(updates)), apply,
+                          lambda *unchanged: (*unchanged, jnp.bool_(False)), params, opt_state, bank)
+
+    # A non-finite loss, gradient or update skips the update: parameters, moments and banks stay as
+    # they were. Conditionals, not a select between new and old values: with the select, XLA copies
     # every parameter and moment first (761 copies per ViT-B/16 step, 1 with the conditional;
     # the step +12 % on CPU, docs/BENCHMARKS.md §1).
-    params, opt_state, bank = jax.lax.cond(finite, update, lambda *unchanged: unchanged,
-                                           state.params, state.opt_state, state.bank)
+    params, opt_state, bank, applied = jax.lax.cond(
+        finite, update, lambda *unchanged: (*unchanged, jnp.bool_(False)), state.params, state.opt_state, state.bank)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, bank=bank,
                            pseudo_ids=state.pseudo_ids)
     metrics = {"loss": total, **{f"loss_{k}": v for k, v in terms.items()},
                "lr": schedule(state.step), "grad_norm": grad_norm}
     counts = {**objective_lib.relation_counts(aux, batch["index"], pair_pids),
-              "skipped": 1 - finite.astype(jnp.int32)}
+              "skipped": 1 - applied.astype(jnp.int32)}
     return new_state, metrics, counts
 
   return jax.jit(step, in_shardings=(layout.state, layout.batch, layout.batch),

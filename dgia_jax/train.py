@@ -9,6 +9,7 @@ runs one jitted step per global batch; the data order and every random draw are 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -16,34 +17,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from dgia_jax import (build, checkpointing, cli, errors, evaluators, hooks, identity_graph, inference, metrics,
-                      objective, parallel, reporting, rundir)
-from dgia_jax import step as step_lib
+from dgia_jax import (build, checkpointing, cli, errors, evaluators, files, hooks, identity_graph, inference, parallel,
+                      reporting, rundir)
 from dgia_jax.data import datasets
 from dgia_jax.data.pipeline import EpochOrder, Split, train_batches
 from dgia_jax.models import clip
-
-
-# Loop settings that must be positive.
-POSITIVE = ("train.batch_size", "train.epochs", "train.lr", "train.log_every", "eval.batch_size", "eval.every_epochs",
-            "checkpoint.every_steps", "checkpoint.keep")
-
-
-def check_config(config: ml_collections.ConfigDict, mesh) -> None:
-  """Refuses, naming the key, a loop setting with no meaning."""
-  for key in POSITIVE:
-    section, name = key.split(".")
-    if not config[section][name] > 0:
-      raise errors.ConfigError(f"{key}={config[section][name]} must be positive")
-  if config.eval.select_metric not in metrics.METRIC_NAMES:
-    raise errors.ConfigError(f"eval.select_metric must be one of {', '.join(metrics.METRIC_NAMES)}, "
-                             f"got {config.eval.select_metric!r}")
-  if config.train.on_nonfinite not in ("skip", "stop"):
-    raise errors.ConfigError(f"train.on_nonfinite must be 'skip' or 'stop', got {config.train.on_nonfinite!r}")
-  parallel.check_divisible(config.train.batch_size, mesh)
-  parallel.check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
-  step_lib.check_micro_batch(config.train.batch_size, config.train.micro_batch, mesh.devices.size)
-  objective.check_config(config)
 
 
 def open_data(config: ml_collections.ConfigDict):
@@ -87,21 +65,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Writes the run directory (`rundir`): config.json, checkpoints/, best/, metrics.jsonl,
   curves.png and results.json; returns the results.
   """
-  # Setup.
+  # Setup: every check before anything is written.
+  mesh = parallel.make_mesh()
+  build.check_config(config, mesh)
   if not config.data.prepare:
     datasets.check_prepared(config.data)  # before a stage 1 that takes minutes
   train_initial_run(config)
   config = build.with_init_tokenizer(config)
-  mesh = parallel.make_mesh()
-  check_config(config, mesh)
   run, is_main = rundir.RunDir(workdir), jax.process_index() == 0
-  if is_main:
-    run.write_config(config)
+  build.check_rerun(config, run)
+  # One writer: process 0 holds the workdir's lock until the run ends (the OS drops it if the process dies).
+  with files.FolderLock(workdir, "--workdir") if is_main else contextlib.nullcontext():
+    return _train(config, run, mesh)
+
+
+def _train(config: ml_collections.ConfigDict, run: rundir.RunDir, mesh) -> dict:
+  """The run of `train_and_evaluate`, its config checked."""
+  is_main = jax.process_index() == 0
   tokenizer, splits = open_data(config)
   train_split = splits[config.data.train_split]
   order = EpochOrder(train_split.num_pairs, config.train.batch_size, config.seed)
   if order.steps_per_epoch == 0:
     raise errors.ConfigError(f"train.batch_size={config.train.batch_size} exceeds the {train_split.num_pairs} training pairs")
+  if is_main:
+    run.write_config(config)  # whole or not at all, after every check
   spe, total_steps = order.steps_per_epoch, config.train.epochs * order.steps_per_epoch
   ckpt = checkpointing.Checkpointer(run.checkpoints, config.checkpoint.every_steps, config.checkpoint.keep)
   fresh = ckpt.latest_step() is None
@@ -122,7 +109,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batches = train_batches(train_split, order, start_step=start_step, end_step=total_steps,
                           process_index=jax.process_index(), process_count=jax.process_count(),
                           num_threads=config.data.num_threads)
-  log = hooks.StepLog(writer, spe, start_step, total_steps, stop_on_nonfinite=config.train.on_nonfinite == "stop")
+  log = hooks.StepLog(writer, spe, start_step, total_steps, stop_on_nonfinite=config.train.on_nonfinite == "stop",
+                      batch_size=config.train.batch_size, collapse_share=config.relations.collapse_share,
+                      stop_on_collapse=config.relations.on_collapse == "stop")
   recluster = hooks.Recluster(config, encoders, train_split, mesh, spe, rows, writer, log)
   after_step = [
       hooks.Hook(log.flush, config.train.log_every),
@@ -131,13 +120,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       hooks.Hook(hooks.Preemption(ckpt, log), 1 if jax.process_count() == 1 else config.train.log_every),
       hooks.Hook(lambda done, state: ckpt.save(done, state, force=hooks.itstime(done, spe)), 1),
       hooks.Hook(log.end_epoch, spe),
-      hooks.Hook(lambda done, state: evaluation.after_epoch(done // spe, done, state.params, done == total_steps),
-                 config.eval.every_epochs * spe, total_steps, timed=False),
   ]
+  evaluate = hooks.Hook(lambda done, state: evaluation.after_epoch(done // spe, done, state.params, done == total_steps),
+                        config.eval.every_epochs * spe, total_steps, timed=False)
+  after_step.append(evaluate)
 
   # The loop.
   started = time.time()
   try:
+    if start_step and evaluate.due(start_step):  # a kill between the checkpoint and its evaluation loses none
+      evaluate.run(start_step, state)
     for step in range(start_step, total_steps):
       if recluster.due(step):
         state = recluster(step, state)
@@ -170,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "config": config.to_dict(),
   }
   if is_main:
-    reporting.write_json(run.results, results)
+    files.write_json(run.results, results)
     reporting.plot_curves(writer.records, run.curves, title=config.get("name", ""))
   evaluation.close()
   return results

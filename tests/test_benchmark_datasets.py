@@ -267,3 +267,44 @@ def test_published_statistics_name_missing_image_folders(tmp_path, clip_folder, 
   cfg.strict = False
   datasets.get_builder(cfg, prepare=True)
   assert f"warning: {missing} image files are missing, under imgs/CUHK03/" in capsys.readouterr().out
+
+
+def test_image_paths_must_stay_inside_imgs_unless_allowed(tmp_path):
+  outside = tmp_path / "secret.png"
+  Image.new("RGB", (6, 12), (1, 2, 3)).save(outside)
+
+  def mutate(annos, root):
+    annos[0]["file_path"] = "../../secret.png"
+    annos[1]["file_path"] = str(outside)  # absolute
+    os.symlink(outside, os.path.join(root, "imgs", "CUHK03", "link.png"))
+    annos[2]["file_path"] = "CUHK03/link.png"  # a link out of imgs/
+
+  msg = _strict_error(tmp_path, "cuhk_pedes", mutate)
+  assert "record 0 (../../secret.png): path '../../secret.png' leaves imgs/ (absolute or '..')" in msg
+  assert f"record 1 ({outside}): path '{outside}' leaves imgs/" in msg
+  assert "record 2 (CUHK03/link.png): path 'CUHK03/link.png' links out of imgs/" in msg
+  assert "3 problems in 3 of 14 records" in msg
+  records, problems, _ = benchmarks.scan(str(tmp_path / "orig"), benchmarks.CuhkPedes.LAYOUT, allow_outside=True)
+  assert len(records) == 14 and not problems  # the flag lets them point anywhere
+
+
+def test_an_image_over_the_size_limit_and_ids_outside_int64_are_bad_records(tmp_path):
+  def mutate(annos, root):
+    Image.new("1", (10_000, 10_000)).save(os.path.join(root, "imgs", annos[3]["img_path"]), format="PNG")
+    annos[4]["id"] = 10**30
+    annos[5]["id"] = -4
+    annos[6]["id"] = "٣"  # an Arabic-Indic digit: not an id
+
+  msg = _strict_error(tmp_path, "rstpreid", mutate)
+  assert "is 10000x10000 pixels, outside the limit (89,478,485 pixels" in msg
+  assert "id 1000000000000000000000000000000 is not an integer in [0, 2^63)" in msg
+  assert "id -4 is not an integer in [0, 2^63)" in msg and "id '٣' is not an integer" in msg
+
+
+def test_annotations_nested_too_deeply_are_named(tmp_path):
+  root = tmp_path / "orig"
+  write_fixture(str(root), "rstpreid")
+  (root / "data_captions.json").write_text("[" * 100_000 + "]" * 100_000)
+  builder = benchmarks.make_builder("rstpreid", str(tmp_path / "tfds"))
+  with pytest.raises(ValueError, match="nested too deeply"):
+    benchmarks.prepare(builder, str(root))

@@ -86,7 +86,7 @@ def test_search_over_the_export_gives_the_evaluators_rank_k(run, exported):
   for k in (1, 5, 10):
     assert 100.0 * hit[:, :k].any(1).mean() == expected[f"R{k}"], k
   # The free-text path embeds a caption as the export did.
-  embedded = inference.embed_texts(inference.load_trained(run), captions[:3])
+  embedded = inference.TextEncoder(inference.load_trained(run)).embed(captions[:3])[0]
   np.testing.assert_allclose(embedded, np.concatenate(emb.texts)[:3], atol=1e-6)
 
 
@@ -211,8 +211,8 @@ def test_the_best_checkpoint_is_what_evaluate_export_and_search_read(run, export
   captions = [r["caption"] for r in emb.text_index[:3]]  # search embeds queries with the export's checkpoint
   _, rows = gallery.search_texts(emb, captions, k=1)
   best_run = inference.load_trained(copy, best=True)
-  np.testing.assert_allclose(inference.embed_texts(best_run, captions), np.concatenate(emb.texts)[:3], atol=1e-6)
-  expected = gallery.exact_search(inference.embed_texts(best_run, captions), emb.images, 1)[1]
+  np.testing.assert_allclose(inference.TextEncoder(best_run).embed(captions)[0], np.concatenate(emb.texts)[:3], atol=1e-6)
+  expected = gallery.exact_search(inference.TextEncoder(best_run).embed(captions)[0], emb.images, 1)[1]
   np.testing.assert_array_equal(rows, expected)
 
 
@@ -297,7 +297,7 @@ def test_a_failed_export_write_is_named_and_the_previous_export_stays(run, expor
                         env={**os.environ, "PYTHONPATH": helpers.ROOT})
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert proc.stderr.strip().splitlines()[-1].startswith(
-      f"error: could not write the export to {copy}: [Errno 27] File too large; the export there before is intact")
+      f"error: could not write {copy}: File too large; what was there before is intact")
   assert {name: open(os.path.join(copy, name), "rb").read() for name in os.listdir(copy)} == before
   gallery.load(copy)  # every shard's sha256 still matches its manifest
 
@@ -336,7 +336,7 @@ def test_export_of_own_images_lists_the_unreadable_and_embeds_only_what_changed(
   proc = _cli("export", "--workdir", run, "--images", str(folder), "--out", out)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "exported 4 images of" in proc.stdout and "(0 embedded now, 4 unchanged since the last export)" in proc.stdout
-  assert "unreadable, not exported: street/broken.png: cannot decode image" in proc.stdout
+  assert "unreadable, not exported: street/broken.png: cannot decode street/broken.png" in proc.stdout
 
   Image.new("RGB", (30, 60), (1, 2, 3)).save(folder / "street" / "e.jpg")  # the folder gained a file
   (folder / "c.webp").unlink()  # and lost one
@@ -358,3 +358,23 @@ def test_export_of_own_images_errors_name_the_folder(run, tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(errors.BadInputError, match="holds no image files"):
     gallery.export_images(run, str(tmp_path / "empty"), str(tmp_path / "out"))
+
+
+def test_export_of_own_images_lists_links_that_dangle_loop_or_leave_the_folder_and_goes_on(run, tmp_path):
+  folder = tmp_path / "crops"
+  _own_images(folder)
+  outside = tmp_path / "outside.jpg"
+  Image.new("RGB", (20, 40), (9, 9, 9)).save(outside)
+  os.symlink(tmp_path / "gone.jpg", folder / "dangling.jpg")
+  os.symlink(folder / "loop.jpg", folder / "loop.jpg")
+  os.symlink(outside, folder / "out.jpg")
+  os.symlink(folder / "street" / "a.jpg", folder / "inside.jpg")  # a link inside the folder is an image
+  os.symlink(tmp_path, folder / "up")  # a link to a folder is not followed
+  m = gallery.export_images(run, str(folder), str(tmp_path / "emb"))
+  unreadable = {u["path"]: u["error"] for u in m["unreadable"]}
+  assert unreadable.pop("street/broken.png").startswith("cannot decode street/broken.png")
+  assert unreadable == {"dangling.jpg": "No such file or directory", "loop.jpg": "Too many levels of symbolic links",
+                        "out.jpg": "a link to a file outside the folder", "up": "a link to a folder, not followed"}
+  rows = {r["path"]: r for r in gallery.load(str(tmp_path / "emb")).image_index}
+  assert sorted(rows) == ["D.JPG", "c.webp", "inside.jpg", "street/a.jpg", "street/cam2/b.png"]
+  assert rows["inside.jpg"]["resolved"] == "street/a.jpg" and rows["inside.jpg"]["sha256"] == rows["street/a.jpg"]["sha256"]

@@ -1,6 +1,7 @@
 """Multi-process training, exact resume after SIGTERM/SIGKILL, and the non-finite guard."""
 
 import glob
+import json
 import os
 import resource
 import shutil
@@ -11,10 +12,12 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dgia_jax import checkpointing, errors, inference, optim, parallel, rundir, train
+from dgia_jax import (build, checkpointing, errors, evaluators, files, inference, losses, optim, parallel, reporting,
+                      rundir, train)
 from dgia_jax import step as step_lib
 from dgia_jax.data import datasets
 from tests import helpers
@@ -183,24 +186,192 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_d
     np.testing.assert_allclose(x, y, atol=1e-4)
 
 
-def test_non_finite_steps_are_skipped_or_stop_the_run(tmp_path, tiny_config):
-  tiny_config.loss.temperature = 0.0  # cos / 0: every loss is NaN
-  tiny_config.train.epochs = 1
-  workdir = str(tmp_path / "skip")
-  train.train_and_evaluate(tiny_config, workdir)
-  records = rundir.RunDir(workdir).records("train")
-  assert sum(r["skipped_steps"] for r in records) == 4
-  _, raw = _final_state(workdir)
-  tokenizer, _ = datasets.load(tiny_config.data, ("test",))
-  tx, _ = optim.make_optimizer(tiny_config.train, 4)
-  init = step_lib.init_state(inference.build_model(tiny_config, tokenizer), tx, tiny_config.seed, 64,
-                          parallel.make_mesh())
-  for x, y in zip(jax.tree.leaves(raw["params"]), jax.tree.leaves(init.params)):
-    np.testing.assert_array_equal(x, y)  # never poisoned
+def _initial_params(config):
+  tokenizer, _ = datasets.load(config.data, ("test",))
+  tx, _ = optim.make_optimizer(config.train, 4)
+  return step_lib.init_state(inference.build_model(config, tokenizer), tx, config.seed, 64, parallel.make_mesh()).params
 
-  tiny_config.train.on_nonfinite = "stop"
-  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradients in 1 of steps 1..1"):
+
+def test_non_finite_steps_are_skipped_or_stop_the_run(tmp_path, tiny_config, monkeypatch):
+  tiny_config.train.epochs = 1
+  with monkeypatch.context() as patch:  # every loss NaN
+    patch.setattr(losses, "itc_loss", lambda *args: jnp.float32(jnp.nan))
+    workdir = str(tmp_path / "skip")
+    train.train_and_evaluate(tiny_config, workdir)
+    records = rundir.RunDir(workdir).records("train")
+    assert sum(r["skipped_steps"] for r in records) == 4
+    assert not any("loss" in r for r in records)  # no mean is made of non-finite losses
+    _, raw = _final_state(workdir)
+    for x, y in zip(jax.tree.leaves(raw["params"]), jax.tree.leaves(_initial_params(tiny_config))):
+      np.testing.assert_array_equal(x, y)  # never poisoned
+
+    tiny_config.train.on_nonfinite = "stop"
+    with pytest.raises(errors.NonFiniteError, match=r"non-finite loss, gradients or update in 1 of steps 1..1"):
+      train.train_and_evaluate(tiny_config, str(tmp_path / "stop"))
+
+
+def test_a_step_whose_update_is_not_finite_is_skipped(tmp_path, tiny_config):
+  """Finite loss and gradients, but a rate that overflows the update: the step is skipped, so the
+  parameters never become non-finite (before, a huge rate made them NaN and every figure false)."""
+  tiny_config.train.epochs, tiny_config.train.lr = 1, 1e38
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(tiny_config, workdir)
+  assert sum(r["skipped_steps"] for r in rundir.RunDir(workdir).records("train")) == 4
+  _, raw = _final_state(workdir)
+  for x, y in zip(jax.tree.leaves(raw["params"]), jax.tree.leaves(_initial_params(tiny_config))):
+    np.testing.assert_array_equal(x, y)
+  assert all(0 <= v <= 100 for v in results["final"]["t2i"].values())
+
+
+def _poison_latest_checkpoint(config, workdir):
+  """Sets every parameter of the run's newest checkpoint to NaN, as a diverged run leaves them."""
+  tokenizer, splits = datasets.load(config.data, ("train",))
+  mesh = parallel.make_mesh()
+  spe = splits["train"].num_pairs // config.train.batch_size
+  built = build.training(config, tokenizer, spe, splits["train"].num_pairs, mesh)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), 1, 2)
+  state = ckpt.restore(built.state)
+  ckpt.save(int(state.step), state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params)), force=True)
+  ckpt.close()
+
+
+def test_a_diverged_model_is_named_never_selected_and_its_figures_never_made(tmp_path, tiny_config):
+  """NaN parameters rank every positive first (R1 100, mAP 550 before): now its evaluations have
+  no figures, say `diverged`, never pick the best epoch, and the results and `evaluate` say so."""
+  workdir = str(tmp_path / "run")
+  tiny_config.train.epochs = 1
+  first = train.train_and_evaluate(tiny_config, workdir)
+  _poison_latest_checkpoint(tiny_config, workdir)
+  tiny_config.train.epochs = 2
+  results = train.train_and_evaluate(tiny_config, workdir)
+  evals = [r for r in results["evaluations"] if r["epoch"] == 2]
+  assert [r["split"] for r in evals] == ["val", "test"] and all("t2i" not in r for r in evals)
+  assert all("text features are not finite" in r["diverged"] or "image features" in r["diverged"] for r in evals)
+  assert results["final"]["diverged"] and "t2i" not in results["final"]
+  assert [d["epoch"] for d in results["diverged"]] == [2, 2]
+  assert results["best_val"]["epoch"] == 1 and results["best_val"]["test"] == first["best_val"]["test"]
+  saved = json.load(open(os.path.join(workdir, "results.json")))
+  assert saved["best_val"]["epoch"] == 1 and "diverged" in saved["final"]
+  with pytest.raises(errors.NonFiniteError, match="are not finite"):
+    inference.evaluate_run(workdir)
+
+
+def _interrupting(monkeypatch, target, name, when):
+  """Patches `target.name` to raise KeyboardInterrupt (a kill) the first time `when(*args)` holds."""
+  original = getattr(target, name)
+  fired = []
+
+  def patched(self, *args, **kwargs):
+    if not fired and when(self, *args):
+      fired.append(True)
+      raise KeyboardInterrupt
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(target, name, patched)
+
+
+_MOMENTS = {  # a kill at epoch 2's end, after its checkpoint: ...
+    "before validation": (evaluators.SplitEvaluator, "evaluate", lambda s, p, epoch, step: epoch == 2 and s.split.name == "val"),
+    "between validation and test": (evaluators.SplitEvaluator, "evaluate",
+                                    lambda s, p, epoch, step: epoch == 2 and s.split.name == "test"),
+    "after best/ was saved, before its record": (reporting.MetricWriter, "write",
+                                                 lambda s, r: r.get("kind") == "eval" and r["epoch"] == 2),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+  config = helpers.tiny_config(data_dir)
+  config.train.epochs = 3
+  return train.train_and_evaluate(config, str(tmp_path_factory.mktemp("uninterrupted")))
+
+
+def _figures(results):
+  return {"evaluations": [{k: r[k] for k in ("step", "epoch", "split", "t2i", "i2t")} for r in results["evaluations"]],
+          "final": results["final"], "best_val": results["best_val"]}
+
+
+@pytest.mark.parametrize("moment", sorted(_MOMENTS))
+def test_a_kill_between_checkpoint_and_evaluation_loses_no_evaluation(tmp_path, tiny_config, uninterrupted, moment,
+                                                                       monkeypatch):
+  tiny_config.train.epochs = 3
+  workdir = str(tmp_path / "run")
+  with monkeypatch.context() as patch:
+    _interrupting(patch, *_MOMENTS[moment])
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(tiny_config, workdir)
+  assert _latest_step(workdir) == 8  # epoch 2's checkpoint was written
+  resumed = train.train_and_evaluate(tiny_config, workdir)
+  assert _figures(resumed) == _figures(uninterrupted)
+  assert str(resumed["best_val"]["epoch"] * 4) in os.listdir(os.path.join(workdir, "best"))  # its parameters kept
+
+
+def test_a_rerun_that_changes_what_is_trained_is_refused_without_touching_the_run(tmp_path, tiny_config):
+  workdir = str(tmp_path / "run")
+  tiny_config.train.epochs = 1
+  train.train_and_evaluate(tiny_config, workdir)
+  before = {name: open(os.path.join(workdir, name), "rb").read() for name in ("config.json", "results.json",
+                                                                              "metrics.jsonl")}
+  tiny_config.model.vision.width, tiny_config.loss.gsrc = 64, False
+  with pytest.raises(errors.ConfigError, match=r"holds a run trained with another config; a rerun may not change 2 "
+                                               r"of its keys .*\n  loss.gsrc: the run has True, this config False\n  "
+                                               r"model.vision.width: the run has 32, this config 64"):
+    train.train_and_evaluate(tiny_config, workdir)
+  assert {name: open(os.path.join(workdir, name), "rb").read() for name in before} == before
+
+
+def test_a_second_training_into_a_live_workdir_is_refused(tmp_path, tiny_config):
+  workdir = str(tmp_path / "run")
+  with files.FolderLock(workdir, "--workdir"):  # as a live training holds it
+    with pytest.raises(errors.BusyError, match=f"--workdir {workdir} is in use: pid {os.getpid()}"):
+      train.train_and_evaluate(tiny_config, workdir)
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def test_relations_that_relate_every_pair_are_named_a_collapse_and_stop_when_asked(tmp_path, tiny_config, capsys):
+  tiny_config.relations.image_threshold = tiny_config.relations.text_threshold = -1.0  # every pair agrees
+  tiny_config.loss.update(dict(iasc=False, gsrc=False))
+  tiny_config.train.epochs = 1
+  workdir = str(tmp_path / "warn")
+  train.train_and_evaluate(tiny_config, workdir)
+  (record,) = rundir.RunDir(workdir).records("relations")
+  assert record["collapsed"] == ["lrc"] and record["lrc_relations_per_batch_row"] == 15.0
+  assert ("warning: epoch 1: the in-batch relations collapsed: lrc 15.0 of the 15 other rows of a batch per row "
+          "(100 %), over relations.collapse_share=0.5") in capsys.readouterr().out
+  tiny_config.relations.on_collapse = "stop"
+  with pytest.raises(errors.CollapseError, match="relations.on_collapse=stop; the epoch's checkpoint is kept"):
     train.train_and_evaluate(tiny_config, str(tmp_path / "stop"))
+  assert _latest_step(str(tmp_path / "stop")) == 4
+
+
+_WRITER = """
+import sys
+import numpy as np
+from dgia_jax import checkpointing
+ckpt = checkpointing.Checkpointer(sys.argv[1], 1, 2)
+for step in range(1, 400):
+  ckpt.save(step, {"params": {"w": np.full((64, 64), step, np.float32)}}, force=True)
+ckpt.close()
+"""
+
+
+def test_a_reader_of_a_live_run_reads_a_whole_checkpoint_while_the_writer_rotates_them(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  env = {**os.environ, "PYTHONPATH": helpers.ROOT}
+  writer = subprocess.Popen([sys.executable, "-c", _WRITER, directory], env=env, stderr=subprocess.PIPE, text=True)
+  reads = 0
+  try:
+    while writer.poll() is None:
+      if os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory)):
+        ckpt = checkpointing.Checkpointer(directory, read_only=True)
+        step, raw = ckpt.restore_raw()
+        ckpt.close()
+        assert np.all(np.asarray(raw["params"]["w"]) == step)  # one whole checkpoint, never a mix
+        reads += 1
+  finally:
+    writer.wait()
+  assert writer.returncode == 0, writer.stderr.read()[-2000:]
+  assert reads > 5
 
 
 # ---- damaged checkpoints, failed writes -----------------------------------------------------
@@ -297,10 +468,10 @@ def test_a_failed_checkpoint_write_is_named_and_the_last_good_checkpoint_stays(t
 
 _WRITE_JSON = """
 import json, resource, sys
-from dgia_jax import errors, reporting
+from dgia_jax import errors, files
 resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
 try:
-  reporting.write_json(sys.argv[1], {"figures": "x" * 5000})
+  files.write_json(sys.argv[1], {"figures": "x" * 5000})
 except errors.WriteError as e:
   print("WriteError:", e)
 """
@@ -310,5 +481,5 @@ def test_a_failed_results_write_is_named_and_the_previous_file_stays(tmp_path):
   path = tmp_path / "results.json"
   path.write_text('{"final": "the previous results"}')
   proc = helpers.run_python(_WRITE_JSON.replace("sys.argv[1]", repr(str(path))))
-  assert f"WriteError: could not write {path}: [Errno 27] File too large; the previous one is intact" in proc.stdout
+  assert f"WriteError: could not write {path}: File too large; the previous one is intact" in proc.stdout
   assert path.read_text() == '{"final": "the previous results"}' and os.listdir(tmp_path) == ["results.json"]

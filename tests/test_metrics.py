@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from dgia_jax import metrics
+from dgia_jax import errors, metrics
 
 
 def reference_metrics(sim, q_pids, g_pids, max_rank=10):
@@ -85,3 +86,30 @@ def test_top_k_returns_best_first():
   ref = np.argsort(-(q @ g.T), axis=1)[:, :3]
   np.testing.assert_array_equal(idx, ref)
   np.testing.assert_allclose(scores, np.take_along_axis(q @ g.T, ref, 1), rtol=1e-5)
+
+
+def test_non_finite_features_are_refused_never_ranked():
+  """NaN similarities compare false both ways: ranked, every positive came first (R1 100, mAP 550)."""
+  q, g = np.eye(4, 8, dtype=np.float32), np.eye(6, 8, dtype=np.float32)
+  q[1, 3] = np.nan
+  with pytest.raises(errors.NonFiniteError, match="1 of 4 text features are not finite"):
+    metrics.evaluate_retrieval(q, g, [0, 1, 2, 3], [0, 1, 2, 3, 0, 1])
+  g[5] = np.inf
+  with pytest.raises(errors.NonFiniteError, match="1 of 6 gallery features are not finite"):
+    metrics.retrieval_metrics(np.eye(4, 8, dtype=np.float32), g, [0, 1, 2, 3], [0, 1, 2, 3, 0, 1])
+  with pytest.raises(errors.NonFiniteError, match="similarity rows"):
+    metrics.rank_metrics(np.full((2, 3), np.nan), [1, 2], [1, 2, 3])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(10, 20), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_figures_are_percentages_for_any_finite_input(queries, gallery, ids, seed):
+  rng = np.random.default_rng(seed)
+  g_pids = np.concatenate([np.arange(ids), rng.integers(0, ids, max(gallery - ids, 0))])[:max(gallery, ids)]
+  q_pids = rng.choice(g_pids, queries)
+  sim = rng.choice([-1.0, 0.0, 0.5, 1.0, 1e30, -1e30], (queries, len(g_pids))).astype(np.float32)  # ties, extremes
+  out = metrics.rank_metrics(sim, q_pids, g_pids)
+  assert all(0.0 <= v <= 100.0 for v in out.values()), out
+  assert out["R1"] <= out["R5"] <= out["R10"]
+  expected = reference_metrics(sim, q_pids, g_pids)
+  assert out == pytest.approx(expected, abs=1e-4)

@@ -132,7 +132,7 @@ def test_corrupt_image_names_the_record(splits):
   _, s = splits
   test = s["test"]
   broken = pipeline.Split(**{**test.__dict__, "source": [{"image": b"not an image"}]})
-  with pytest.raises(ValueError, match=r"test record 0 \(test/.*\.png\): cannot decode image"):
+  with pytest.raises(ValueError, match=r"cannot decode test record 0 \(test/.*\.png\): cannot identify image file"):
     broken.load_image(0)
 
 

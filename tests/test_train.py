@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dgia_jax import build, checkpointing, inference, objective, optim, parallel, reporting, rundir, train
+from dgia_jax import build, checkpointing, config_domains, inference, objective, optim, parallel, reporting, rundir, train
 from dgia_jax import step as step_lib
 from dgia_jax.data import datasets, pipeline
 from tests import helpers
@@ -250,7 +250,7 @@ def test_perturbed_partners_take_the_clean_pairs_relations_or_their_own(tiny_con
   assert not np.array_equal(_relation_aux(tiny_config)["iasc_related"], clean)
   tiny_config.iasc.relations = "masked"
   with pytest.raises(ValueError, match="iasc.relations"):
-    objective.check_config(tiny_config)
+    config_domains.check(tiny_config)
 
 
 def test_fine_tuning_starts_from_a_run_with_its_tokenizer(trained, tiny_config, tmp_path):

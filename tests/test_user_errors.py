@@ -31,9 +31,9 @@ def _assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
 
 @pytest.mark.parametrize("args, fragments", [
     (["--config", "configs/synthetic_scratch.py", "--config.train.batch_size=0"],
-     ["error: train.batch_size=0 must be positive"]),
+     ["error: train.batch_size=0 must be a whole number ≥ 1"]),
     (["--config", "configs/synthetic_scratch.py", "--config.gsrc.rows=everything"],
-     ["error: gsrc.rows must be one of 'batch', 'batch+bank', got 'everything'"]),
+     ["error: gsrc.rows='everything' must be one of 'batch', 'batch+bank'"]),
     (["--config", "configs/synthetic_scratch.py", "--config.train.micro_batch=48"],
      ["error: train.micro_batch=48 must divide train.batch_size=64"]),
     (["--config", "configs/cuhk_pedes.py"], ["error: data set 'cuhk_pedes' needs data.tokenizer"]),

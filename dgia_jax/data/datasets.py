@@ -27,7 +27,8 @@ def _prepare_synthetic(builder, data_cfg) -> None:
 
 
 def _benchmark_builder(data_cfg) -> tfds.core.DatasetBuilder:
-  return benchmarks.make_builder(data_cfg.name, data_cfg.data_dir, strict=data_cfg.strict)
+  return benchmarks.make_builder(data_cfg.name, data_cfg.data_dir, strict=data_cfg.strict,
+                                 allow_outside=data_cfg.get("allow_paths_outside", False))
 
 
 def _prepare_benchmark(builder, data_cfg) -> None:
@@ -109,6 +110,16 @@ def cross_domain(data_cfg, name: str, manual_dir: str, tokenizer: str):
   cfg.update(dict(name=name, manual_dir=manual_dir, tokenizer=tokenizer, holdout_val_ids=0,
                   strict=data_cfg.get("strict", True)))
   return cfg
+
+
+def image_source(data_cfg, split: str):
+  """Split `split` of the prepared data set `config.data` names, as a random-access TFDS source of
+  undecoded examples (`source[i]["image"]`: the file's bytes; `["path"]`): images only, no caption
+  read or tokenized (what a search service or report serves)."""
+  builder = get_builder(data_cfg, prepare=False)
+  if split not in builder.info.splits:
+    raise errors.BadInputError(f"split '{split}' is not in {builder.info.full_name} under {data_cfg.data_dir}")
+  return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
 
 
 def load(data_cfg, splits: tuple[str, ...]) -> tuple[Tokenizer, dict[str, Split]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import re
 from collections.abc import Iterator
 
 import grain
@@ -26,6 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from data_prep import images
 from dgia_jax import errors
 from dgia_jax.data.tokenizer import Tokenizer
 
@@ -33,15 +35,22 @@ _READ_CHUNK = 512
 RESIZE_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-def decode_image(data: bytes, image_size: tuple[int, int], resize: str = "bicubic") -> np.ndarray:
+def _without_stream(message: str) -> str:
+  """PIL's message with the in-memory stream it names (`<_io.BytesIO object at 0x...>`) left out."""
+  return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", message)
+
+
+def decode_image(data: bytes, image_size: tuple[int, int], resize: str = "bicubic", name: str = "image") -> np.ndarray:
   """An encoded image (JPEG, PNG, WebP, ...) as uint8 [H, W, 3] at `image_size` (H, W): the eval
-  transform every image goes through, a data set's or a user's own. BadInputError if PIL cannot
-  decode it."""
+  transform every image goes through, a data set's or a user's own. BadInputError naming `name` (its
+  file) if PIL cannot decode it or it is larger than `data_prep.images.MAX_PIXELS` (checked before
+  decoding)."""
   try:
-    img = Image.open(io.BytesIO(data))
-    img = img.convert("RGB")
+    img = images.open_checked(io.BytesIO(data)).convert("RGB")
+  except images.TooLarge as e:
+    raise errors.BadInputError(f"{name} {e}") from e
   except Exception as e:  # PIL raises several types for corrupt data
-    raise errors.BadInputError(f"cannot decode image: {e}") from e
+    raise errors.BadInputError(f"cannot decode {name}: {_without_stream(str(e))}") from e
   h, w = image_size
   if img.size != (w, h):
     img = img.resize((w, h), RESIZE_FILTERS[resize])
@@ -65,6 +74,7 @@ class Split:
     tokens: int32 [P, L], the encoded captions.
     image_paths: the R image paths, by record.
     person_ids: int64 [R], by record. Hidden: evaluation, measurement and `oracle` only.
+    source_split: the data set's split `source` reads (the train split, for identities held out of it).
   """
 
   name: str
@@ -77,6 +87,7 @@ class Split:
   image_paths: list[str]
   person_ids: np.ndarray
   resize: str = "bicubic"
+  source_split: str = ""
 
   @property
   def num_pairs(self) -> int:
@@ -97,11 +108,8 @@ class Split:
 
   def load_image(self, record: int) -> np.ndarray:
     """Decodes record `record`'s image to uint8 [H, W, 3], resized to `image_size` with `resize`."""
-    try:
-      return decode_image(self.image_bytes(record), self.image_size, self.resize)
-    except errors.BadInputError as e:
-      raise errors.BadInputError(f"{self.name} record {int(self.source_records[record])} "
-                                 f"({self.image_paths[record]}): {e}") from e
+    where = f"{self.name} record {int(self.source_records[record])} ({self.image_paths[record]})"
+    return decode_image(self.image_bytes(record), self.image_size, self.resize, name=where)
 
   def subset(self, keep: np.ndarray, name: str) -> "Split":
     """The split restricted to records where `keep` [R] (bool) holds, with all their pairs."""
@@ -111,7 +119,7 @@ class Split:
                  image_size=self.image_size, pair_record=new_record[self.pair_record[pairs]],
                  pair_caption=[c for c, k in zip(self.pair_caption, pairs) if k], tokens=self.tokens[pairs],
                  image_paths=[p for p, k in zip(self.image_paths, keep) if k], person_ids=self.person_ids[keep],
-                 resize=self.resize)
+                 resize=self.resize, source_split=self.source_split)
 
 
 def hold_out_identities(split: Split, num_ids: int, seed: int, name: str) -> tuple[Split, Split]:
@@ -159,6 +167,7 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str, tokenizer: Tokeniz
       image_paths=paths,
       person_ids=np.asarray(pids, np.int64),
       resize=resize,
+      source_split=split,
   )
 
 

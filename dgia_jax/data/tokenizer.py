@@ -93,24 +93,16 @@ class Tokenizer:
     raise errors.MissingPathError(f"{path} holds no tokenizer: expected tokenizer.json, or vocab.json and merges.txt")
 
   def encode(self, texts: Sequence[str], source: str = "texts") -> np.ndarray:
-    """Encodes captions to int32 [N, context_length].
+    """Encodes captions to int32 [N, context_length] (`encode_counted`, the cut ones reported)."""
+    return self.encode_counted(texts, source)[0]
 
-    A caption of more than L - 2 pieces is cut to its first L - 2 (CLIP's `truncate=True`);
-    when any is, a warning says how many of `source` (e.g. a split) were, and the longest.
+  def encode_counted(self, texts: Sequence[str], source: str = "texts", warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 [N, context_length], int64 [N] word pieces of each text before any cut).
+
+    A caption of more than L - 2 pieces is cut to its first L - 2 (CLIP's `truncate=True`); with
+    `warn`, when any is, a warning says how many of `source` (e.g. a split) were, and the longest.
+    BadInputError names an empty text.
     """
-    out, pieces = self.encode_counted(texts, source)
-    keep = self.context_length - 2
-    cut = int((pieces > keep).sum())
-    if cut:
-      longest = int(np.argmax(pieces))
-      logging.warning("%s: %d of %d captions are longer than %d tokens (context_length %d less SOT and EOT) and "
-                      "were truncated to %d; the longest: caption %d, %d tokens: %r", source, cut, len(texts), keep,
-                      self.context_length, keep, longest, pieces[longest], texts[longest])
-    return out
-
-  def encode_counted(self, texts: Sequence[str], source: str = "texts") -> tuple[np.ndarray, np.ndarray]:
-    """(int32 [N, context_length] as `encode` gives, int64 [N] word pieces of each text before any
-    cut: more than context_length - 2 were cut). BadInputError names an empty text."""
     for i, text in enumerate(texts):
       if not text or not text.strip():
         raise errors.BadInputError(f"{source}: caption {i} is empty")
@@ -123,6 +115,12 @@ class Tokenizer:
       out[i, 0] = self.sot_id
       out[i, 1:len(ids) + 1] = ids
       out[i, len(ids) + 1] = self.eot_id
+    cut = int((pieces > keep).sum())
+    if warn and cut:
+      longest = int(np.argmax(pieces))
+      logging.warning("%s: %d of %d captions are longer than %d tokens (context_length %d less SOT and EOT) and "
+                      "were truncated to %d; the longest: caption %d, %d tokens: %r", source, cut, len(texts), keep,
+                      self.context_length, keep, longest, pieces[longest], texts[longest])
     return out, pieces
 
   def decode(self, tokens: np.ndarray) -> str:

@@ -68,7 +68,7 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
-_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 
@@ -150,7 +150,7 @@ class ResidualAttentionBlock(nn.Module):
 
     h = LayerNorm(name="ln_2")(x)
     h = dense(4 * w, fc_std, "c_fc")(h)
-    h = _ACTIVATIONS[self.activation](h)
+    h = ACTIVATIONS[self.activation](h)
     x = x + dense(w, proj_std, "c_proj")(h)
     return x if query_index is not None else x.reshape(b, t, w)
 

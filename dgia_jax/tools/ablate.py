@@ -16,7 +16,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every run of the ablation and its report.")
 _ROWS = flags.DEFINE_list("rows", ["itc", "lrc", "gsrc", "lrc+gsrc", "full", "oracle"],
                           f"Rows to run, from {sorted(ablation.ROWS)}.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per row (0 .. seeds-1).")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per row (0 .. seeds-1).", lower_bound=1, upper_bound=100)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -16,11 +16,11 @@ import os
 
 from absl import flags
 
-from dgia_jax import cli, inference, reporting, rundir
+from dgia_jax import cli, files, inference, reporting, rundir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", lower_bound=0)
 _BEST = flags.DEFINE_bool("best", False, "Evaluate the best-on-validation parameters the run kept (workdir/best).")
 _DATASET = flags.DEFINE_string("dataset", "", "Another benchmark to evaluate on (cross-domain): cuhk_pedes, "
                                "icfg_pedes, rstpreid. Default: the run's own data set.")
@@ -36,8 +36,8 @@ def main(argv):
                                   _MANUAL_DIR.value)
   out = _OUT.value or rundir.RunDir(result["workdir"]).evaluation_file(result["dataset"], result["split"],
                                                                        result["step"], result["best"])
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  reporting.write_json(out, result)
+  files.make_dirs(os.path.dirname(os.path.abspath(out)), "the folder of --out")
+  files.write_json(out, result)
   print(f"{result['dataset']} {result['split']}: {result['captions']} captions, {result['images']} images, "
         f"{result['identities']} identities; step {result['step']}{' (best on validation)' if result['best'] else ''}")
   print(f"  text→image  {reporting.format_metrics(result['t2i'])}")

@@ -18,9 +18,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json +
 _SPLIT = flags.DEFINE_string("split", "test", "Split of the run's data set to embed (unless --images).")
 _IMAGES = flags.DEFINE_string("images", None, "A folder of your own images to embed instead of a split.")
 _OUT = flags.DEFINE_string("out", None, "Directory the embeddings and their index are written to.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", lower_bound=0)
 _BEST = flags.DEFINE_bool("best", False, "Embed with the best-on-validation parameters the run kept (workdir/best).")
-_SHARD_ROWS = flags.DEFINE_integer("shard_rows", 65536, "Rows per embedding shard.")
+_SHARD_ROWS = flags.DEFINE_integer("shard_rows", 65536, "Rows per embedding shard.", lower_bound=1)
 _FORMAT = flags.DEFINE_enum("format", "npy", gallery.FORMATS, "File format of the shards.")
 flags.mark_flags_as_required(["workdir", "out"])
 

@@ -16,6 +16,8 @@ _DATASET = flags.DEFINE_enum("dataset", None, sorted(benchmarks.BUILDERS), "Benc
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder of its original files: annotation JSON and imgs/.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "TFDS data dir to build into.")
 _STRICT = flags.DEFINE_bool("strict", True, "Fail on any bad record (else skip bad records and list them).")
+_ALLOW_OUTSIDE = flags.DEFINE_bool("allow_paths_outside", False, "Let image paths leave imgs/ (absolute paths, '..', "
+                                   "links out of it); by default such a record is bad.")
 flags.mark_flags_as_required(["dataset"])
 
 
@@ -29,7 +31,8 @@ def summary_table(summary: dict[str, dict[str, int]]) -> str:
 
 def main(argv):
   cli.start(argv)
-  builder = benchmarks.make_builder(_DATASET.value, _DATA_DIR.value, strict=_STRICT.value)
+  builder = benchmarks.make_builder(_DATASET.value, _DATA_DIR.value, strict=_STRICT.value,
+                                    allow_outside=_ALLOW_OUTSIDE.value)
   built_now = not builder.is_prepared()
   if built_now:
     benchmarks.prepare(builder, _MANUAL_DIR.value)  # warns of differences to the published statistics

@@ -12,8 +12,9 @@ from dgia_jax import cli, gallery, report
 
 _EMB = flags.DEFINE_string("emb", None, "Export directory (python -m dgia_jax.tools.export).")
 _OUT = flags.DEFINE_string("out", None, "Directory the report is written to.")
-_NUM_QUERIES = flags.DEFINE_integer("num_queries", 8, "Captions to show.")
-_K = flags.DEFINE_integer("k", 5, "Results per caption.")
+_NUM_QUERIES = flags.DEFINE_integer("num_queries", 8, "Captions to show.", lower_bound=1,
+                                    upper_bound=report.MAX_QUERIES)
+_K = flags.DEFINE_integer("k", 5, "Results per caption.", lower_bound=1, upper_bound=report.MAX_K)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the caption sample.")
 flags.mark_flags_as_required(["emb", "out"])
 

@@ -11,29 +11,21 @@ Queries are embedded by the text tower of the run and checkpoint the export name
 """
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from dgia_jax import cli, errors, gallery
 
 _EMB = flags.DEFINE_string("emb", None, "Export directory (python -m dgia_jax.tools.export).")
 _QUERY = flags.DEFINE_string("query", None, "One text query.")
 _QUERIES_FILE = flags.DEFINE_string("queries_file", None, "File of text queries, one a line (batch mode).")
-_K = flags.DEFINE_integer("k", 10, "Results per query.")
+_K = flags.DEFINE_integer("k", 10, "Results per query (at most the gallery's size are found).", lower_bound=1,
+                          upper_bound=100_000)
 _INDEX = flags.DEFINE_enum("index", "exact", ("exact", "faiss"), "Exact jitted search, or a FAISS index.")
 _FAISS_FACTORY = flags.DEFINE_string("faiss_factory", "Flat", "FAISS index factory string (Flat: exact).")
-_NPROBE = flags.DEFINE_integer("nprobe", 8, "Inverted lists searched by an IVF FAISS index.")
+_NPROBE = flags.DEFINE_integer("nprobe", 8, "Inverted lists searched by an IVF FAISS index.", lower_bound=1)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (default: the one the export names).")
 _VERIFY = flags.DEFINE_bool("verify", True, "Check every shard's sha256 against the manifest first.")
 flags.mark_flags_as_required(["emb"])
-
-
-def read_queries(path: str) -> list[str]:
-  """The non-blank lines of `path`, stripped."""
-  with open(path) as f:
-    queries = [line.strip() for line in f if line.strip()]
-  if not queries:
-    raise errors.BadInputError(f"{path} holds no queries (one a line)")
-  return queries
 
 
 def format_results(emb: gallery.Embeddings, texts: list[str], scores: np.ndarray, rows: np.ndarray) -> str:
@@ -51,8 +43,8 @@ def format_results(emb: gallery.Embeddings, texts: list[str], scores: np.ndarray
 def main(argv):
   cli.start(argv)
   if (_QUERY.value is None) == (_QUERIES_FILE.value is None):
-    raise app.UsageError("give exactly one of --query and --queries_file")
-  texts = [_QUERY.value] if _QUERY.value is not None else read_queries(_QUERIES_FILE.value)
+    raise errors.ConfigError("give exactly one of --query and --queries_file")
+  texts = [_QUERY.value] if _QUERY.value is not None else gallery.read_queries(_QUERIES_FILE.value)
   emb = gallery.load(_EMB.value, verify=_VERIFY.value)
   scores, rows = gallery.search_texts(emb, texts, _K.value, _INDEX.value, _WORKDIR.value, _FAISS_FACTORY.value,
                                       _NPROBE.value)
