@@ -6,7 +6,7 @@ RUN_STAMP := $(VENV)/.run-installed
 DEV_STAMP := $(VENV)/.dev-installed
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: train test venv browser clean-venv
+.PHONY: train test test-fast venv browser clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ train: $(RUN_STAMP)
 
 test: $(DEV_STAMP) browser
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+# The quick tier (a few minutes): every test not marked slow (tests/conftest.py marks those that train).
+test-fast: $(DEV_STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
 
 # Debian's Chromium and ChromeDriver for the search page's browser test, installed when missing (as root);
 # where they cannot be, that one test is skipped and says why.

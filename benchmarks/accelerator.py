@@ -31,8 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from dgia_jax import build, cli, host_memory, identity_graph, inference, metrics, parallel
+from dgia_jax.common import config_files, host_memory, parallel
+from dgia_jax.evaluation import metrics
+from dgia_jax.inference import encoding, rebuild
+from dgia_jax.method import identity_graph
 from dgia_jax.models import clip, presets
+from dgia_jax.training import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUHK_PAIRS, CUHK_TEST_IMAGES, CUHK_TEST_CAPTIONS, EPOCHS = 68126, 3074, 6148, 40
@@ -50,7 +54,7 @@ class _ClipTokenizer:  # the facts the model needs from CLIP's tokenizer
 
 
 def _config(batch: int, attention: str):
-  config = cli.load_config(os.path.join(ROOT, "configs", "default.py"))
+  config = config_files.load_config(os.path.join(ROOT, "configs", "default.py"))
   config.model = presets.vit_b16()
   config.model.dtype = "bfloat16"
   config.model.attention = attention
@@ -125,7 +129,7 @@ def measure_eval(params, batch: int, fraction: float, attention: str) -> tuple[f
   as every later epoch's evaluation in a run)."""
   config = _config(batch, attention)
   mesh = parallel.make_mesh()
-  enc_img, enc_txt = inference.make_encoders(inference.build_model(config, _ClipTokenizer), mesh)
+  enc_img, enc_txt = encoding.make_encoders(rebuild.build_model(config, _ClipTokenizer), mesh)
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, size=(batch, 384, 128, 3), dtype=np.uint8)
   tokens = _tokens(rng, batch)

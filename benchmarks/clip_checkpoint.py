@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import transformers
 from flax import traverse_util
 
-from dgia_jax import host_memory
+from dgia_jax.common import host_memory
 from dgia_jax.models import checkpoint_io, clip, presets
 
 VOCAB, EOT, CONTEXT = 49408, 49407, 77

@@ -121,7 +121,7 @@ def run_one(method: str, n: int, labels_path: str) -> dict:
   """Clusters N synthetic points with `method` ('sparse' or 'dense') in this process."""
   from sklearn.cluster import DBSCAN
 
-  from dgia_jax import clustering
+  from dgia_jax.method import clustering
 
   x, ids = clustered_features(num_ids_for(n), n)
   cfg = clustering.DEFAULTS

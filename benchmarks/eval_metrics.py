@@ -19,7 +19,8 @@ import time
 
 import numpy as np
 
-from dgia_jax import host_memory, metrics
+from dgia_jax.common import host_memory
+from dgia_jax.evaluation import metrics
 
 NUM_IDS, NUM_IMAGES, NUM_CAPTIONS, DIM = 1000, 3074, 6148, 512
 

@@ -21,7 +21,9 @@ import jax
 import numpy as np
 
 from benchmarks import timing
-from dgia_jax import build, cli, host_memory, identity_graph, parallel
+from dgia_jax.common import config_files, host_memory, parallel
+from dgia_jax.method import identity_graph
+from dgia_jax.training import build
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
 NUM_PAIRS = 4000
@@ -33,7 +35,7 @@ class _Tok:  # the facts the model needs from a tokenizer
 
 def build_step(full: bool, images, tokens, index):
   """(time_steps(n) -> seconds per step, GFLOPs per step) of the ITC-only or the full step."""
-  config = cli.load_config(DEFAULT_CONFIG)
+  config = config_files.load_config(DEFAULT_CONFIG)
   config.loss.update(dict(lrc=full, iasc=full, gsrc=full))
   config.relations.start_epoch = config.gsrc.start_epoch = 1  # everything on from the first step
   mesh = parallel.make_mesh()

@@ -30,8 +30,11 @@ from etils import epath
 from PIL import Image
 
 from data_prep import features
-from dgia_jax import cli, host_memory, rundir, train
-from dgia_jax.data import pipeline, tokenizer as tokenizer_lib
+from dgia_jax.common import config_files, host_memory
+from dgia_jax.data import pipeline
+from dgia_jax.data import tokenizer as tokenizer_lib
+from dgia_jax.run import rundir
+from dgia_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 512
@@ -86,7 +89,7 @@ def main():
         rates.append(decode_rate(split, threads))
     rates = {threads: float(np.median(r)) for threads, r in by_round.items()}
 
-    config = cli.load_config(os.path.join(ROOT, "configs", "default.py"))
+    config = config_files.load_config(os.path.join(ROOT, "configs", "default.py"))
     config.data.data_dir = os.path.join(ROOT, "data", "tfds")
     config.train.epochs = 1
     config.eval.every_epochs = 100

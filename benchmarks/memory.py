@@ -36,8 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from dgia_jax import build, cli, host_memory, identity_graph, parallel
+from dgia_jax.common import config_files, host_memory, parallel
+from dgia_jax.method import identity_graph
 from dgia_jax.models import presets
+from dgia_jax.training import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUHK_PAIRS = 68126
@@ -51,7 +53,7 @@ class _ClipTokenizer:  # the facts the model needs from CLIP's tokenizer (with t
 
 def config(batch: int, micro: int, dtype: str, remat: bool, small: bool = False):
   """The benchmark recipe (configs/cuhk_pedes.py) with every loss on from the first step."""
-  c = cli.load_config(os.path.join(ROOT, "configs", "cuhk_pedes.py"))
+  c = config_files.load_config(os.path.join(ROOT, "configs", "cuhk_pedes.py"))
   if small:
     c.model, c.data.image_size, c.iasc.pad = presets.small(), (96, 32), 3
   c.model.dtype, c.model.remat = dtype, remat

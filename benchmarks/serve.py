@@ -27,8 +27,11 @@ import httpx
 import jax
 import numpy as np
 
-from dgia_jax import build, checkpointing, cli, gallery, parallel, rundir
+from dgia_jax.common import config_files, parallel
 from dgia_jax.data import tokenizer as tokenizer_lib
+from dgia_jax.gallery import exports
+from dgia_jax.run import checkpointing, rundir
+from dgia_jax.training import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("a man woman girl boy wearing red blue black white grey green yellow coat jacket shirt skirt trousers jeans "
@@ -40,7 +43,7 @@ def make_run_and_export(root: str, gallery_rows: int) -> str:
   `gallery_rows` random images; returns the export's directory."""
   tok_path = os.path.join(root, "tokenizer.json")
   tokenizer_lib.train_bpe([" ".join(WORDS)] * 8, vocab_size=200).save(tok_path)
-  config = cli.load_config(os.path.join(ROOT, "configs", "synthetic_scratch.py"))
+  config = config_files.load_config(os.path.join(ROOT, "configs", "synthetic_scratch.py"))
   config.data.tokenizer = tok_path
   tokenizer = tokenizer_lib.Tokenizer.from_file(tok_path, config.data.context_length)
   run = rundir.RunDir(os.path.join(root, "run"))
@@ -57,7 +60,7 @@ def make_run_and_export(root: str, gallery_rows: int) -> str:
   meta = {"source": "images", "workdir": run.path, "step": 0, "best": False, "images_dir": os.path.join(root, "imgs"),
           "image_size": list(config.data.image_size), "resize": config.data.resize, "config": config.to_dict()}
   out = os.path.join(root, "emb")
-  gallery.write_export(out, {"images": feats, "texts": np.zeros((0, dim), np.float32)}, rows, meta, 65536, "npy")
+  exports.write_export(out, {"images": feats, "texts": np.zeros((0, dim), np.float32)}, rows, meta, 65536, "npy")
   return out
 
 

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dgia_jax import identity_graph, parallel
+from dgia_jax.common import parallel
+from dgia_jax.method import identity_graph
 
 
 def seconds_per_step(step, state, batch, pair_pids, steps: int, warmup: int = 2):

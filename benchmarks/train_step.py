@@ -38,8 +38,9 @@ import transformers
 from torch.utils import flop_counter
 
 from benchmarks import timing
-from dgia_jax import build, cli, host_memory, parallel
+from dgia_jax.common import config_files, host_memory, parallel
 from dgia_jax.models import presets
+from dgia_jax.training import build
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
 
@@ -66,7 +67,7 @@ def jax_step(preset, image_size, context, vocab, batch, images, tokens):
 
   Parts: "step" (the trainer's step), "forward" (the loss), "forward_backward" (its gradient).
   """
-  config = cli.load_config(DEFAULT_CONFIG)
+  config = config_files.load_config(DEFAULT_CONFIG)
   config.model = preset()
   config.data.image_size = image_size
   config.loss.update(dict(lrc=False, iasc=False, gsrc=False))

@@ -24,7 +24,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.context_length = 48
   c.data.tokenizer = ""  # "" = the tokenizer saved beside the data
   c.data.train_split = "train"
-  c.data.eval_split = "test"
   # Model selection happens on validation identities, never on the test split: the data
   # set's own val split, or (holdout_val_ids > 0) that many identities held out of train.
   c.data.val_split = "val"
@@ -111,7 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64
   # Rows per micro-batch (0: off): the step's gradient is the whole batch's, computed with one
-  # micro-batch's activations live at a time (dgia_jax/step.py); a divisor of batch_size and a
+  # micro-batch's activations live at a time (dgia_jax/training/step.py); a divisor of batch_size and a
   # multiple of the device count.
   c.train.micro_batch = 0
   c.train.epochs = 10
@@ -132,8 +131,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
   c.eval.every_epochs = 1
-  c.eval.select_metric = "R1"  # text→image metric that picks the best-on-val epoch
-  c.eval.test_each_epoch = True  # test curves for plots; never used to select
+  c.eval.select = "val"  # the evaluator whose text→image `select_metric` picks the best epoch ("": none)
+  c.eval.select_metric = "R1"
+  c.eval.report = "test"  # the evaluator whose last epoch is the run's final figures
+  # Evaluators (dgia_jax/evaluation/evaluators.py): a type (a module of dgia_jax.evaluation) and its
+  # settings; `every`: "epoch" (every evaluation epoch), "last" (the last epoch, and the best one's
+  # figures), "off". E.g. another benchmark's test split every epoch:
+  #   c.evals.icfg = dict(type="cross_domain", dataset="icfg_pedes", manual_dir="/path/ICFG-PEDES", split="test")
+  c.evals = ml_collections.ConfigDict()
+  c.evals.val = ml_collections.ConfigDict(dict(type="retrieval", split="val", every="epoch"))
+  c.evals.test = ml_collections.ConfigDict(dict(type="retrieval", split="test", every="epoch"))  # curves; never selects
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 200

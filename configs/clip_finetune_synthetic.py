@@ -15,9 +15,9 @@ token rows (`dgia_jax/models/checkpoint_io.py`). On an accelerator add
 
 import os
 
-from dgia_jax import cli
+from dgia_jax.common import config_files
 
-base = cli.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
+base = config_files.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
 
 
 def get_config():

@@ -20,9 +20,9 @@ selection gave which figure), and the weights are float32 (the code's are float1
 
 import os
 
-from dgia_jax import cli
+from dgia_jax.common import config_files
 
-base = cli.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
+base = config_files.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
 
 
 def get_config():

@@ -17,10 +17,10 @@ it over 3 seeds, none of the code's switches gained beyond the seed spread, and 
 
 import os
 
-from dgia_jax import cli
+from dgia_jax.common import config_files
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-base = cli.load_config_module(os.path.join(_HERE, "base.py"))
+base = config_files.load_config_module(os.path.join(_HERE, "base.py"))
 
 
 def get_config():

@@ -9,11 +9,11 @@ epochs as the authors' code trains it (`train_rstp.sh`).
 
 import os
 
-from dgia_jax import cli
+from dgia_jax.common import config_files
 
 
 def get_config():
-  c = cli.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuhk_pedes.py"))
+  c = config_files.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuhk_pedes.py"))
   c.name = c.data.name = "rstpreid"
   c.train.epochs = 16
   return c

@@ -12,9 +12,9 @@ identities. `make train` runs it first when `runs/synthetic_pretrain` holds no f
 
 import os
 
-from dgia_jax import cli
+from dgia_jax.common import config_files
 
-base = cli.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
+base = config_files.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
 
 
 def get_config():

@@ -9,9 +9,9 @@ thresholds 0.8); measured, they still help less than on a pre-trained model (doc
 
 import os
 
-from dgia_jax import cli
+from dgia_jax.common import config_files
 
-base = cli.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
+base = config_files.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
 
 
 def get_config():

@@ -3,16 +3,14 @@
 Every program ends with `cli.run(main)` and its `main` starts with `cli.start(argv)`.
 """
 
-import importlib.util
 import logging as pylogging
 import os
 import sys
 
 import jax
-import ml_collections
 from absl import app, flags, logging
 
-from dgia_jax import errors, host_memory
+from dgia_jax.common import config_files, errors, host_memory
 
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None,
@@ -21,17 +19,11 @@ _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "Default: user_cache_dir('xla'); '' turns the cache off.")
 
 
-def user_cache_dir(name: str) -> str:
-  """`$XDG_CACHE_HOME/dgia_jax/<name>`, else `~/.cache/dgia_jax/<name>`."""
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "dgia_jax", name)
-
-
 def enable_compilation_cache() -> str:
   """Turns on JAX's persistent compilation cache at `--compilation_cache_dir`; call before the
   first compilation. Programs that compile in under a second are not kept (JAX's default).
   Returns the directory ("" when off)."""
-  path = user_cache_dir("xla") if _COMPILATION_CACHE_DIR.value is None else _COMPILATION_CACHE_DIR.value
+  path = config_files.user_cache_dir("xla") if _COMPILATION_CACHE_DIR.value is None else _COMPILATION_CACHE_DIR.value
   jax.config.update("jax_compilation_cache_dir", os.path.abspath(path) if path else None)  # off even if JAX's env says on
   return path
 
@@ -86,19 +78,6 @@ def start(argv: list[str]) -> None:
 
     tfds.disable_progress_bar()
   enable_compilation_cache()
-
-
-def load_config_module(path: str):
-  """A config file as a module (configs extend others through it)."""
-  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def load_config(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file, as `--config` loads it."""
-  return load_config_module(path).get_config()
 
 
 def parse_flags(argv: list[str]) -> list[str]:

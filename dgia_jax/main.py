@@ -11,7 +11,10 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from dgia_jax import cli, hooks, parallel, reporting, train
+from dgia_jax import cli
+from dgia_jax.common import parallel
+from dgia_jax.run import reporting
+from dgia_jax.training import hooks, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
                                           lock_config=True)
@@ -31,6 +34,7 @@ def main(argv):
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   _DISTRIBUTED_AUTO.value)
   try:
+    train.train_initial_run(_CONFIG.value)  # stage 1, when the config starts from a run still to train
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except hooks.Preempted:
     sys.exit(PREEMPTED_EXIT_CODE)

@@ -4,12 +4,15 @@ import tempfile
 import jax
 import pytest
 
-from dgia_jax import host_memory
+from dgia_jax.common import host_memory
 from tests import helpers
 
 # As every program does at its start (`cli.start`), before JAX starts its CPU threads: the
 # tests' in-process training steps then reuse their temporary buffers' pages.
 host_memory.retain_freed_memory()
+
+# Before JAX starts its backend: the tests' XLA flags (`helpers.TEST_XLA_FLAGS`), as their subprocesses get them.
+os.environ["XLA_FLAGS"] = f"{helpers.TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 # JAX's persistent compilation cache, as every program keeps one (`cli.enable_compilation_cache`):
 # the tests train the same tiny model many times, and a program compiled once is read back after
@@ -17,6 +20,16 @@ host_memory.retain_freed_memory()
 COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), "dgia_jax_tests_xla_cache")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+
+
+# Fixtures that train a run: every test using one is slow (`make test-fast` leaves it out).
+SLOW_FIXTURES = {"trained", "tiny_run", "exported"}
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +48,36 @@ def tiny_config(data_dir):
 
 
 @pytest.fixture(scope="session")
+def trained(tmp_path_factory, data_dir):
+  """(config, workdir, results) of the tiny config trained for two epochs (every loss on in the second)."""
+  from dgia_jax.training import train
+
+  cfg = helpers.tiny_config(data_dir)
+  workdir = str(tmp_path_factory.mktemp("run"))
+  return cfg, workdir, train.train_and_evaluate(cfg, workdir)
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, data_dir) -> str:
   """The workdir of the tiny config trained for one epoch: what exports, evaluation and the service read."""
-  from dgia_jax import train
+  from dgia_jax.training import train
 
   cfg = helpers.tiny_config(data_dir)
   cfg.train.epochs = 1
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   train.train_and_evaluate(cfg, workdir)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run, tmp_path_factory):
+  """The tiny run's test split exported twice, by the command line and by the function, in shards of 10 rows."""
+  from dgia_jax.gallery import exports
+
+  first, second = (str(tmp_path_factory.mktemp(name)) for name in ("emb_cli", "emb_api"))
+  proc = helpers.run_module("dgia_jax.tools.export", "--workdir", tiny_run, "--split", "test", "--out", first,
+                            "--shard_rows", "10")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "exported 16 images and 32 captions of split 'test'" in proc.stdout
+  exports.export_split(tiny_run, "test", second, shard_rows=10)
+  return first, second

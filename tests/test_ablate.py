@@ -2,22 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from dgia_jax import ablation
+from dgia_jax.training import ablation
 from tests import helpers
-
-_CONFIG_FILE = """
-from tests import helpers
-
-def get_config():
-  c = helpers.tiny_config({data_dir!r})
-  c.train.epochs = 2
-  return c
-"""
 
 
 def test_rows_differ_only_in_their_switches(tiny_config):
@@ -33,13 +22,10 @@ def test_rows_differ_only_in_their_switches(tiny_config):
 
 
 def test_ablation_writes_table_chart_and_reuses_finished_runs(tmp_path, data_dir):
-  config = tmp_path / "tiny.py"
-  config.write_text(_CONFIG_FILE.format(data_dir=data_dir))
+  config = helpers.write_tiny_config(tmp_path / "tiny.py", data_dir, train__epochs=2)
   workdir = str(tmp_path / "ablation")
-  cmd = [sys.executable, "-m", "dgia_jax.tools.ablate", "--config", str(config), "--workdir", workdir,
-         "--rows", "itc,full", "--seeds", "2"]
-  env = {**os.environ, "PYTHONPATH": helpers.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  proc = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=600)
+  args = ("--config", config, "--workdir", workdir, "--rows", "itc,full", "--seeds", "2")
+  proc = helpers.run_module("dgia_jax.tools.ablate", *args, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "ablation.json")) as f:
     summary = json.load(f)
@@ -61,7 +47,7 @@ def test_ablation_writes_table_chart_and_reuses_finished_runs(tmp_path, data_dir
   with open(os.path.join(workdir, "ablation.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   stamp = os.path.getmtime(os.path.join(workdir, "full", "seed1", "results.json"))
-  again = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=300)
+  again = helpers.run_module("dgia_jax.tools.ablate", *args)
   assert again.returncode == 0 and "dgia-jax:" not in again.stdout  # nothing trained again
   assert os.path.getmtime(os.path.join(workdir, "full", "seed1", "results.json")) == stamp
 

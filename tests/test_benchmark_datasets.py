@@ -4,8 +4,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -178,10 +176,8 @@ def test_lenient_command_skips_lists_and_summarises(tmp_path):
   write_annotations(root, "cuhk_pedes", annos)
   bad = [0, 1, 2, 3, 4, 13]
 
-  proc = subprocess.run([sys.executable, "-m", "dgia_jax.tools.prepare", "--dataset=cuhk_pedes",
-                         f"--manual_dir={root}",
-                         f"--data_dir={data_dir}", "--nostrict"], cwd=helpers.ROOT, capture_output=True, text=True,
-                        timeout=300)
+  proc = helpers.run_module("dgia_jax.tools.prepare", "--dataset=cuhk_pedes", f"--manual_dir={root}",
+                            f"--data_dir={data_dir}", "--nostrict")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "skipped 6 of 14 records with problems" in proc.stdout
   with open(os.path.join(data_dir, "cuhk_pedes_problems.jsonl")) as f:

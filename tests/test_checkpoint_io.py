@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from dgia_jax.data.tokenizer import Tokenizer
-from dgia_jax import inference, train
+from dgia_jax.inference import rebuild
 from dgia_jax.models import checkpoint_io, clip
+from dgia_jax.training import train
 from tests import clip_checkpoints as cc
 from tests import helpers
 
@@ -195,7 +196,7 @@ def _write_edited(ckpt, tmp_path, edit) -> str:
 
 
 def test_missing_unexpected_and_misshaped_tensors_are_listed(ckpt, tmp_path):
-  tok, cfg = ckpt["tok"], _cfg(ckpt["tok"])
+  cfg = _cfg(ckpt["tok"])
 
   def drop_and_add(state):
     del state["vision_model.encoder.layers.1.mlp.fc2.bias"], state["text_model.final_layer_norm.weight"]
@@ -252,7 +253,7 @@ def test_safetensors_loading_does_not_import_torch(ckpt, tmp_path):
   code = f"""
 import sys
 from dgia_jax.data.tokenizer import Tokenizer
-from dgia_jax import train
+from dgia_jax.training import train
 from dgia_jax.models import checkpoint_io, clip
 tok = Tokenizer.from_file({ckpt['paths']['safetensors']!r}, {cc.CONTEXT})
 cfg = clip.CLIPConfig({cc.EMBED}, clip.VisionConfig(({cc.IMAGE}, {cc.IMAGE}), {cc.PATCH}, {cc.WIDTH}, {cc.LAYERS}, {cc.HEADS}),
@@ -277,7 +278,7 @@ def test_training_starts_from_the_checkpoint(ckpt, tiny_config, tmp_path):
   cfg.loss.update(dict(lrc=False, gsrc=False))  # ITC and the masked-caption partners
   cfg.train.update(dict(epochs=1, lr=1e-12))
   train.train_and_evaluate(cfg, str(tmp_path / "run"))
-  _, tok, model, params, _ = inference.load_trained(str(tmp_path / "run"))
+  _, tok, model, params, _ = rebuild.load_trained(str(tmp_path / "run"))
   assert model.cfg.vision.grid == (4, 2) and tok.num_appended == 1
   expected = checkpoint_io.load_clip(hf_dir, model.cfg, appended_tokens=1, cache_dir=cache)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, expected)

@@ -10,8 +10,12 @@ from sklearn import metrics
 from sklearn.cluster import DBSCAN
 
 from benchmarks.clustering import clustered_features, dense_jaccard_distance
-from dgia_jax import checkpointing, clustering, hooks, inference, parallel, rundir, train
+from dgia_jax.common import parallel
 from dgia_jax.data import datasets
+from dgia_jax.inference import encoding, rebuild
+from dgia_jax.method import clustering
+from dgia_jax.run import checkpointing, rundir
+from dgia_jax.training import hooks, train
 from tests import helpers
 
 
@@ -118,18 +122,9 @@ def test_trainer_clusters_from_the_epoch_start_params_and_checkpoints_them(tmp_p
   ckpt.close()
   tokenizer, splits = datasets.load(cfg.data, ("train",))
   mesh = parallel.make_mesh()
-  model = inference.build_model(cfg, tokenizer)
-  labels, quality = hooks.pseudo_identities(inference.make_encoders(model, mesh), at_epoch_start["params"],
+  model = rebuild.build_model(cfg, tokenizer)
+  labels, quality = hooks.pseudo_identities(encoding.make_encoders(model, mesh), at_epoch_start["params"],
                                             splits["train"], mesh, cfg.relations.clusters, 16)
   assert quality["num_clusters"] == records[0]["num_clusters"]
   np.testing.assert_array_equal(np.asarray(final["pseudo_ids"])[:len(labels)], labels)
   assert np.all(np.asarray(at_epoch_start["pseudo_ids"]) == -1)  # saved before the clustering
-
-
-@pytest.mark.parametrize("step, due", [(0, False), (3, False), (4, True), (5, False), (8, False), (12, True)])
-def test_clusters_are_due_at_the_start_epoch_and_every_few_epochs(tiny_config, step, due):
-  ccfg = tiny_config.relations.clusters
-  ccfg.update(dict(enabled=True, start_epoch=2, every_epochs=2))
-  assert hooks.clusters_due(ccfg, step, steps_per_epoch=4) == due
-  ccfg.enabled = False
-  assert not hooks.clusters_due(ccfg, step, steps_per_epoch=4)

@@ -7,9 +7,11 @@ import os
 
 import ml_collections
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dgia_jax import cli, config_domains, errors
+from dgia_jax.common import config_files, errors
+from dgia_jax.training import config_domains
 from tests import helpers
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(helpers.ROOT, "configs", "*.py")) if not p.endswith("base.py"))
@@ -17,7 +19,7 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(helpers.ROOT, "configs", "*.p
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_key_of_every_shipped_config_has_a_domain_and_holds(path):
-  assert config_domains.problems_of(cli.load_config(path)) == []
+  assert config_domains.problems_of(config_files.load_config(path)) == []
 
 
 def test_the_tests_tiny_config_holds():
@@ -77,6 +79,7 @@ _VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.flo
 @settings(max_examples=400, deadline=None)
 @given(key=st.sampled_from(sorted(config_domains.KEYS)), value=_VALUES)
 def test_any_value_of_any_key_passes_or_is_refused_naming_that_key(key, value):
+  key = key.replace("*", "val")  # a pattern of the table (`evals.*.split`): the val evaluator's
   config = helpers.load_config("default")
   if key.startswith("data.") and key.split(".")[1] not in config.data:  # a benchmark's keys
     config = helpers.load_config("cuhk_pedes")
@@ -86,7 +89,7 @@ def test_any_value_of_any_key_passes_or_is_refused_naming_that_key(key, value):
   except errors.ConfigError as e:
     assert key in str(e), (key, value, str(e))
   else:  # ml_collections may convert a value as it stores it (False -> 0.0 in a float field)
-    assert config_domains.KEYS[key].domain.holds(config_domains.leaves(config)[key]), (key, value)
+    assert config_domains.key_of(key).domain.holds(config_domains.leaves(config)[key]), (key, value)
 
 
 def test_a_rerun_may_change_policy_and_plumbing_but_not_what_is_trained():
@@ -98,3 +101,12 @@ def test_a_rerun_may_change_policy_and_plumbing_but_not_what_is_trained():
   config.model.vision.width, config.seed = 64, 3
   assert config_domains.conflicts(saved, config) == ["model.vision.width: the run has 128, this config 64",
                                                      "seed: the run has 0, this config 3"]
+
+
+def test_a_run_saved_before_a_key_was_retired_still_resumes():
+  config = helpers.load_config("default")
+  saved = ml_collections.ConfigDict(config.to_dict())
+  saved.data.eval_split, saved.eval.test_each_epoch = "test", True  # the keys config.evals replaced
+  assert config_domains.conflicts(saved, config) == []
+  saved.data.train_split = "val"
+  assert config_domains.conflicts(saved, config) == ["data.train_split: the run has 'val', this config 'train'"]

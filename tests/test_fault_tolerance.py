@@ -6,7 +6,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,39 +15,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dgia_jax import (build, checkpointing, errors, evaluators, files, inference, losses, optim, parallel, reporting,
-                      rundir, train)
-from dgia_jax import step as step_lib
+from dgia_jax.common import errors, parallel
 from dgia_jax.data import datasets
+from dgia_jax.evaluation import evaluators
+from dgia_jax.inference import encoding, rebuild
+from dgia_jax.method import losses
+from dgia_jax.run import checkpointing, files, reporting, rundir
+from dgia_jax.training import build, optim, train
+from dgia_jax.training import step as step_lib
 from tests import helpers
 
-_CONFIG_FILE = """
-from tests import helpers
-
-def get_config():
-  c = helpers.tiny_config({data_dir!r})
-  c.train.epochs = {epochs}
-  c.checkpoint.every_steps = 1
-  c.checkpoint.keep = 2
-  return c
-"""
+pytestmark = pytest.mark.slow  # trains or starts programs
 
 
 def _write_config(tmp_path, data_dir, epochs):
-  path = tmp_path / f"tiny_{epochs}.py"
-  path.write_text(_CONFIG_FILE.format(data_dir=data_dir, epochs=epochs))
-  return str(path)
-
-
-def _env(devices):
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-          "PYTHONPATH": helpers.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
+  return helpers.write_tiny_config(tmp_path / f"tiny_{epochs}.py", data_dir, train__epochs=epochs,
+                                   checkpoint__every_steps=1, checkpoint__keep=2)
 
 
 def _main(config, workdir, *extra, devices=1):
-  return subprocess.Popen([sys.executable, "-m", "dgia_jax.main", "--config", config, "--workdir", workdir, *extra],
-                          cwd=helpers.ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  return helpers.run_module("dgia_jax.main", "--config", config, "--workdir", workdir, *extra, devices=devices,
+                            background=True)
 
 
 def _finish(proc, timeout=300):
@@ -141,12 +128,6 @@ def test_resume_after_sigterm_and_sigkill_equals_an_uninterrupted_run(tmp_path, 
     assert len([n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]) <= 2  # keep=2
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_dir):
   config = _write_config(tmp_path, data_dir, epochs=2)  # crosses into epoch 2: the global loss is on
   reference = str(tmp_path / "one")
@@ -154,7 +135,7 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_d
   assert code == 0, out
 
   multi = str(tmp_path / "two")
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{helpers.free_port()}"
   procs = [_main(config, multi, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
                  devices=2) for i in range(2)]
   outs = []
@@ -178,10 +159,10 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_d
   # ... and the two models compute the same embeddings.
   feats = []
   for workdir in (multi, reference):
-    _, tokenizer, model, params, _ = inference.load_trained(workdir)
+    _, tokenizer, model, params, _ = rebuild.load_trained(workdir)
     _, splits = datasets.load(helpers.tiny_config(data_dir).data, ("test",))
     mesh = parallel.make_mesh()
-    feats.append(inference.extract_features(inference.make_encoders(model, mesh), params, splits["test"], mesh, 16))
+    feats.append(encoding.extract_features(encoding.make_encoders(model, mesh), params, splits["test"], mesh, 16))
   for x, y in zip(*feats):
     np.testing.assert_allclose(x, y, atol=1e-4)
 
@@ -189,7 +170,7 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, data_d
 def _initial_params(config):
   tokenizer, _ = datasets.load(config.data, ("test",))
   tx, _ = optim.make_optimizer(config.train, 4)
-  return step_lib.init_state(inference.build_model(config, tokenizer), tx, config.seed, 64, parallel.make_mesh()).params
+  return step_lib.init_state(rebuild.build_model(config, tokenizer), tx, config.seed, 64, parallel.make_mesh()).params
 
 
 def test_non_finite_steps_are_skipped_or_stop_the_run(tmp_path, tiny_config, monkeypatch):
@@ -253,7 +234,7 @@ def test_a_diverged_model_is_named_never_selected_and_its_figures_never_made(tmp
   saved = json.load(open(os.path.join(workdir, "results.json")))
   assert saved["best_val"]["epoch"] == 1 and "diverged" in saved["final"]
   with pytest.raises(errors.NonFiniteError, match="are not finite"):
-    inference.evaluate_run(workdir)
+    evaluators.evaluate_run(workdir)
 
 
 def _interrupting(monkeypatch, target, name, when):
@@ -271,9 +252,9 @@ def _interrupting(monkeypatch, target, name, when):
 
 
 _MOMENTS = {  # a kill at epoch 2's end, after its checkpoint: ...
-    "before validation": (evaluators.SplitEvaluator, "evaluate", lambda s, p, epoch, step: epoch == 2 and s.split.name == "val"),
-    "between validation and test": (evaluators.SplitEvaluator, "evaluate",
-                                    lambda s, p, epoch, step: epoch == 2 and s.split.name == "test"),
+    "before validation": (evaluators.Evaluations, "evaluate", lambda s, e, p, epoch, step: epoch == 2 and e.name == "val"),
+    "between validation and test": (evaluators.Evaluations, "evaluate",
+                                    lambda s, e, p, epoch, step: epoch == 2 and e.name == "test"),
     "after best/ was saved, before its record": (reporting.MetricWriter, "write",
                                                  lambda s, r: r.get("kind") == "eval" and r["epoch"] == 2),
 }
@@ -347,7 +328,7 @@ def test_relations_that_relate_every_pair_are_named_a_collapse_and_stop_when_ask
 _WRITER = """
 import sys
 import numpy as np
-from dgia_jax import checkpointing
+from dgia_jax.run import checkpointing
 ckpt = checkpointing.Checkpointer(sys.argv[1], 1, 2)
 for step in range(1, 400):
   ckpt.save(step, {"params": {"w": np.full((64, 64), step, np.float32)}}, force=True)
@@ -357,8 +338,8 @@ ckpt.close()
 
 def test_a_reader_of_a_live_run_reads_a_whole_checkpoint_while_the_writer_rotates_them(tmp_path):
   directory = str(tmp_path / "checkpoints")
-  env = {**os.environ, "PYTHONPATH": helpers.ROOT}
-  writer = subprocess.Popen([sys.executable, "-c", _WRITER, directory], env=env, stderr=subprocess.PIPE, text=True)
+  writer = subprocess.Popen([sys.executable, "-c", _WRITER, directory], env=helpers.env(), stderr=subprocess.PIPE,
+                            text=True)
   reads = 0
   try:
     while writer.poll() is None:
@@ -375,6 +356,7 @@ def test_a_reader_of_a_live_run_reads_a_whole_checkpoint_while_the_writer_rotate
 
 
 # ---- damaged checkpoints, failed writes -----------------------------------------------------
+
 
 def _largest_data_file(step_dir: str) -> str:
   files = glob.glob(os.path.join(step_dir, "**", "d", "*"), recursive=True)
@@ -435,12 +417,12 @@ def test_best_checkpoint_fallback_for_evaluate_export_and_search(tmp_path, tiny_
   best.save(100, raw, force=True)  # a newer best epoch
   best.close()
   _damage(os.path.join(workdir, "best", "100"), "truncate")
-  older = inference.load_trained(workdir, best=True)  # what evaluate, export and search read
+  older = rebuild.load_trained(workdir, best=True)  # what evaluate, export and search read
   assert older.step == 4 and any("checkpoint step 100" in r.getMessage() for r in caplog.records)
   assert sorted(os.listdir(os.path.join(workdir, "best"))) == ["100", "4"]  # inference changes nothing
   _damage(os.path.join(workdir, "best", "4"), "delete")
   with pytest.raises(errors.BadInputError, match="step 100: .*; step 4: "):
-    inference.load_trained(workdir, best=True)
+    rebuild.load_trained(workdir, best=True)
 
 
 _FILE_SIZE_LIMIT = 80_000  # bytes: metrics, curves and results fit; a checkpoint's data files do not
@@ -456,9 +438,8 @@ def test_a_failed_checkpoint_write_is_named_and_the_last_good_checkpoint_stays(t
   assert code == 0, out
   results = open(os.path.join(workdir, "results.json"), "rb").read()
   before = _final_state(workdir)
-  proc = subprocess.run([sys.executable, "-m", "dgia_jax.main", "--config", _write_config(tmp_path, data_dir, epochs=2),
-                         "--workdir", workdir, "--compilation_cache_dir="], cwd=helpers.ROOT, env=_env(1),
-                        capture_output=True, text=True, timeout=300, preexec_fn=_limited())
+  proc = helpers.run_module("dgia_jax.main", "--config", _write_config(tmp_path, data_dir, epochs=2), "--workdir", workdir,
+                            "--compilation_cache_dir=", preexec_fn=_limited())
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   message = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
   assert message.startswith(f"error: could not write a checkpoint to {workdir}/checkpoints") and "File too large" in message
@@ -468,7 +449,9 @@ def test_a_failed_checkpoint_write_is_named_and_the_last_good_checkpoint_stays(t
 
 _WRITE_JSON = """
 import json, resource, sys
-from dgia_jax import errors, files
+from dgia_jax.common import errors
+from dgia_jax.run import files
+
 resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
 try:
   files.write_json(sys.argv[1], {"figures": "x" * 5000})

@@ -8,12 +8,13 @@ import time
 
 import pytest
 
-from dgia_jax import errors, files, rundir
+from dgia_jax.common import errors
+from dgia_jax.run import files, rundir
 from tests import helpers
 
 _FULL_DISK = """
 import resource, sys
-from dgia_jax import errors
+from dgia_jax.common import errors
 resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
 try:
 {body}
@@ -33,7 +34,7 @@ def test_a_failed_config_write_keeps_the_config_there_before(tmp_path):
   run.write_config(config)
   before = open(run.config_file, "rb").read()
   out = _under_full_disk(f"""
-from dgia_jax import rundir
+from dgia_jax.run import rundir
 from tests import helpers
 c = helpers.load_config("default")
 c.name = "x" * 5000
@@ -99,7 +100,7 @@ def test_one_writer_a_second_is_refused_naming_the_first(tmp_path):
 
 _HOLD = """
 import sys, time
-from dgia_jax import files
+from dgia_jax.run import files
 lock = files.FolderLock(sys.argv[1], "--workdir")
 print("held", flush=True)
 time.sleep(600)
@@ -107,8 +108,8 @@ time.sleep(600)
 
 
 def test_the_lock_of_a_killed_writer_is_free_at_once(tmp_path):
-  env = {**os.environ, "PYTHONPATH": helpers.ROOT}
-  proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], env=helpers.env(), stdout=subprocess.PIPE,
+                          text=True)
   try:
     assert proc.stdout.readline().strip() == "held"
     with pytest.raises(errors.BusyError, match=f"pid {proc.pid}"):

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from dgia_jax import host_memory
-from tests.helpers import ROOT
+from dgia_jax.common import host_memory
+from tests import helpers
 
 # Starts as every program does (`cli.start`), then allocates, touches and frees 64 MB twice with
 # malloc (as XLA does its temporary buffers); prints the page faults of the second time.
@@ -29,9 +29,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _second_allocation_faults(switch: str) -> int:
-  env = {**os.environ, host_memory.ENV_SWITCH: switch}
-  out = subprocess.run([sys.executable, "-c", _SECOND_ALLOCATION_FAULTS], env=env, check=True,
-                       capture_output=True, text=True).stdout
+  out = subprocess.run([sys.executable, "-c", _SECOND_ALLOCATION_FAULTS], env=helpers.env(**{host_memory.ENV_SWITCH: switch}),
+                       check=True, capture_output=True, text=True).stdout
   return int(out.split()[-1])
 
 
@@ -42,13 +41,12 @@ def test_freed_memory_is_reused_without_page_faults():
   assert _second_allocation_faults("0") > pages // 2  # glibc's default: munmap, then fault it in again
 
 
-
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc malloc")
 def test_importing_the_package_or_a_config_leaves_the_allocator_alone():
   """The setting belongs to program start, not to an import (of a config file, by a library user)."""
-  code = _SECOND_ALLOCATION_FAULTS.replace('cli.start(["program"])', 'cli.load_config("configs/default.py")')
-  assert 'cli.load_config("configs/default.py")' in code
-  env = {**os.environ, host_memory.ENV_SWITCH: "1", "PYTHONPATH": ROOT}
-  out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, capture_output=True,
-                       text=True).stdout
+  code = _SECOND_ALLOCATION_FAULTS.replace(
+      'cli.start(["program"])', 'from dgia_jax.common import config_files; config_files.load_config("configs/default.py")')
+  assert 'config_files.load_config("configs/default.py")' in code
+  out = subprocess.run([sys.executable, "-c", code], env=helpers.env(**{host_memory.ENV_SWITCH: "1"}), cwd=helpers.ROOT,
+                       check=True, capture_output=True, text=True).stdout
   assert int(out.split()[-1]) > (1 << 26) // os.sysconf("SC_PAGE_SIZE") // 2

@@ -3,10 +3,12 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dgia_jax import identity_graph as ig
-from dgia_jax import losses, parallel
+from dgia_jax.common import parallel
+from dgia_jax.method import identity_graph as ig
+from dgia_jax.method import losses
 from tests import helpers
 
 
@@ -78,6 +80,7 @@ def test_anchor_without_neighbours_reduces_to_the_local_target(b, k, seed):
 
 # ---- banks and search ------------------------------------------------------------------------
 
+
 def test_bank_first_write_then_ema(mesh):
   rng = np.random.default_rng(0)
   a, b = unit(rng.normal(size=(3, 4))), unit(rng.normal(size=(3, 4)))
@@ -146,9 +149,11 @@ def test_global_loss_matches_the_formula():
 
 # ---- sharding: 8 devices equal 1, and the bank is never gathered ---------------------------
 
+
 _SHARDED = """
 import numpy as np, jax, jax.numpy as jnp
-from dgia_jax import identity_graph as ig, losses, parallel
+from dgia_jax.common import parallel
+from dgia_jax.method import identity_graph as ig, losses
 mesh = parallel.make_mesh()
 rng = np.random.default_rng(0)
 n, b, d, k = 37, 8, 16, 3
@@ -160,6 +165,7 @@ bank = ig.update_bank(bank, jnp.arange(n), jnp.asarray(bank_img), jnp.asarray(ba
 index = jnp.asarray(rng.choice(n, b, replace=False))
 img = jnp.asarray(unit(bank_img[np.asarray(index)] + 0.3 * rng.normal(size=(b, d))), jnp.float32)
 txt = jnp.asarray(unit(rng.normal(size=(b, d))), jnp.float32)
+
 
 def step(bank, img, txt, index):
   sims, rows, valid = ig.search_neighbours(bank, img, index, k, 0.45, mesh)

@@ -4,12 +4,15 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests import helpers
+
+pytestmark = pytest.mark.slow  # trains or starts programs
 
 
 def _main(*args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "dgia_jax.main", "--config", "configs/default.py", *args],
-                        cwd=helpers.ROOT, capture_output=True, text=True, timeout=timeout)
+  return helpers.run_module("dgia_jax.main", "--config", "configs/default.py", *args, timeout=timeout)
 
 
 def test_unknown_config_key_is_named(tmp_path):
@@ -37,6 +40,7 @@ _CACHE_PROBE = """
 import sys
 import jax, jax.numpy as jnp
 from dgia_jax import cli
+
 cli.parse_flags(sys.argv)
 print("dir=" + cli.enable_compilation_cache())
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # keep even this tiny program
@@ -70,14 +74,11 @@ def test_compilation_cache_can_be_turned_off(tmp_path):
 
 def test_a_log_file_gets_plain_progress_lines_not_redraws(tmp_path, data_dir):
   """`make train > log 2>&1`: no carriage returns, progress as periodic lines, every line short."""
-  config = tmp_path / "tiny.py"
-  config.write_text(f"from tests import helpers\n\ndef get_config():\n  c = helpers.tiny_config({data_dir!r})\n"
-                    "  c.train.epochs = 1\n  return c\n")
+  config = helpers.write_tiny_config(tmp_path / "tiny.py", data_dir, train__epochs=1)
   log = tmp_path / "log"
   with open(log, "w") as f:
-    proc = subprocess.run([sys.executable, "-m", "dgia_jax.main", "--config", str(config), "--workdir",
-                           str(tmp_path / "run")], cwd=helpers.ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": helpers.ROOT})
+    proc = subprocess.run([sys.executable, "-m", "dgia_jax.main", "--config", config, "--workdir", str(tmp_path / "run")],
+                          cwd=helpers.ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=300, env=helpers.env())
   text = log.read_text()
   assert proc.returncode == 0, text[-3000:]
   assert "\r" not in text

@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dgia_jax import errors, metrics
+from dgia_jax.common import errors
+from dgia_jax.evaluation import metrics
 
 
 def reference_metrics(sim, q_pids, g_pids, max_rank=10):

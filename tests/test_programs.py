@@ -9,22 +9,24 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from dgia_jax import errors, gallery, report
+from dgia_jax.common import errors
+from dgia_jax.gallery import exports, report, searcher
 from tests import helpers
 
 PROGRAMS = ["dgia_jax.main", "dgia_jax.tools.ablate", "dgia_jax.tools.evaluate", "dgia_jax.tools.export",
             "dgia_jax.tools.prepare", "dgia_jax.tools.report", "dgia_jax.tools.search", "dgia_jax.tools.serve"]
 
+
 _FUZZ_FLAGS = """
 import importlib, sys
 from absl import flags
 from hypothesis import given, settings, strategies as st
-from dgia_jax import cli, config_domains
+from dgia_jax import cli
+from dgia_jax.training import config_domains
 
 module = importlib.import_module(sys.argv[1])
 names = sorted({f.name for f in flags.FLAGS.get_key_flags_for_module(module)})
@@ -56,12 +58,6 @@ def test_fuzzed_flags_are_parsed_or_refused_in_one_line(module):
   assert "fuzzed" in proc.stdout
 
 
-def _program(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-  env = {**os.environ, "PYTHONPATH": helpers.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=helpers.ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
-
-
 def _one_error_line(proc: subprocess.CompletedProcess, says: str) -> None:
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr[-3000:])
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -79,42 +75,40 @@ def _one_error_line(proc: subprocess.CompletedProcess, says: str) -> None:
 ])
 def test_main_refuses_before_anything_is_written(tmp_path, args, says):
   workdir = tmp_path / "run"
-  proc = _program("dgia_jax.main", "--workdir", str(workdir), *args)
+  proc = helpers.run_module("dgia_jax.main", "--workdir", str(workdir), *args)
   _one_error_line(proc, says)
   assert not workdir.exists() and not os.path.exists("/nonexistent/start")
 
 
 def test_main_names_a_workdir_that_is_a_file(tmp_path):
   (tmp_path / "run").write_text("")
-  proc = _program("dgia_jax.main", "--workdir", str(tmp_path / "run"), "--config", "configs/synthetic_scratch.py",
+  proc = helpers.run_module("dgia_jax.main", "--workdir", str(tmp_path / "run"), "--config", "configs/synthetic_scratch.py",
                   f"--config.data.data_dir={tmp_path}/tfds", "--config.data.prepare=False")
   _one_error_line(proc, "is not prepared")  # checked first; then the workdir:
-  proc = _program("dgia_jax.main", "--workdir", str(tmp_path / "run"), "--config", "configs/synthetic_scratch.py",
+  proc = helpers.run_module("dgia_jax.main", "--workdir", str(tmp_path / "run"), "--config", "configs/synthetic_scratch.py",
                   f"--config.data.data_dir={tmp_path}/tfds", "--config.train.epochs=0")
   _one_error_line(proc, "train.epochs=0 must be a whole number ≥ 1")
 
 
 @pytest.fixture(scope="module")
-def export_dir(tiny_run, tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("emb"))
-  gallery.export_split(tiny_run, "test", out)
-  return out
+def export_dir(exported):
+  return exported[1]
 
 
 def test_query_files_faiss_factories_manifests_and_report_sizes_with_no_meaning_are_named(export_dir, tmp_path):
   with pytest.raises(errors.MissingPathError, match=f"--queries_file {tmp_path}: a folder, not a file"):
-    gallery.read_queries(str(tmp_path))
+    searcher.read_queries(str(tmp_path))
   binary = tmp_path / "queries.bin"
   binary.write_bytes(b"a man\n\xff\xfe in red\n")
   with pytest.raises(errors.BadInputError, match=f"--queries_file {binary} is not UTF-8 text"):
-    gallery.read_queries(str(binary))
-  emb = gallery.load(export_dir)
+    searcher.read_queries(str(binary))
+  emb = exports.load(export_dir)
   with pytest.raises(errors.ConfigError, match=r"cannot index this gallery \(16 rows"):
-    gallery.Searcher(emb.images, "faiss", "IVF4096,Flat")
+    searcher.Searcher(emb.images, "faiss", "IVF4096,Flat")
   with pytest.raises(errors.ConfigError, match="--faiss_factory 'NoSuchIndex' is not a FAISS index factory"):
-    gallery.Searcher(emb.images, "faiss", "NoSuchIndex")
+    searcher.Searcher(emb.images, "faiss", "NoSuchIndex")
   with pytest.raises(errors.ConfigError, match="k must be at least 1"):
-    gallery.Searcher(emb.images).search(np.zeros((1, 32), np.float32), 0)
+    searcher.Searcher(emb.images).search(np.zeros((1, 32), np.float32), 0)
   for sizes in ((0, 5), (8, 0), (report.MAX_QUERIES + 1, 5), (8, report.MAX_K + 1)):
     with pytest.raises(errors.ConfigError):
       report.check_sizes(*sizes)
@@ -122,17 +116,17 @@ def test_query_files_faiss_factories_manifests_and_report_sizes_with_no_meaning_
   shutil.copytree(export_dir, damaged)
   (damaged / "manifest.json").write_text('{"format": ')
   with pytest.raises(errors.BadInputError, match=f"{damaged}/manifest.json is damaged: not JSON"):
-    gallery.load(str(damaged))
+    exports.load(str(damaged))
   (damaged / "manifest.json").write_text(json.dumps({"format": "npy"}))
   with pytest.raises(errors.BadInputError, match="manifest.json is damaged: source, dim, counts, shards, index, step, "
                                                  "workdir, config missing or malformed"):
-    gallery.load(str(damaged))
+    exports.load(str(damaged))
 
 
 def test_search_report_and_ablate_refuse_in_one_line(export_dir, tmp_path):
-  _one_error_line(_program("dgia_jax.tools.search", "--emb", export_dir, "--queries_file", str(tmp_path)),
+  _one_error_line(helpers.run_module("dgia_jax.tools.search", "--emb", export_dir, "--queries_file", str(tmp_path)),
                   f"error: --queries_file {tmp_path}: a folder, not a file")
-  _one_error_line(_program("dgia_jax.tools.report", "--emb", export_dir, "--out", str(tmp_path / "r"), "-k", "100000"),
+  _one_error_line(helpers.run_module("dgia_jax.tools.report", "--emb", export_dir, "--out", str(tmp_path / "r"), "-k", "100000"),
                   "error: flag --k=100000")
-  _one_error_line(_program("dgia_jax.tools.ablate", "--config", "configs/default.py", "--workdir", str(tmp_path / "a"),
+  _one_error_line(helpers.run_module("dgia_jax.tools.ablate", "--config", "configs/default.py", "--workdir", str(tmp_path / "a"),
                            "--rows="), "give at least one ablation row")

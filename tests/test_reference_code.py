@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from dgia_jax import identity_graph, objective, optim, parallel
+from dgia_jax.common import parallel
+from dgia_jax.method import identity_graph, objective
 from dgia_jax.models import clip
+from dgia_jax.training import optim
 from tests import helpers
 
 LOGIT_SCALE = 50.0  # the code's 1 / temperature 0.02
@@ -81,11 +83,14 @@ def _code_memory(i_feats, t_feats, img_memory, txt_memory, threshold=0.7):
   return _code_sdm_against(labels, new_img, new_txt), len(picked)
 
 
-def _benchmark_objective(terms, batch_size, bank_rows=0):
-  """Our objective with the benchmark config's switches, only `terms` on, on a tiny model."""
+def _benchmark_objective(terms, batch_size, **sections):
+  """Our objective with the benchmark config's switches, only `terms` on, on a tiny model; `sections`
+  ({"relations": {...}}) are set before it is built (its options are read once)."""
   config = helpers.load_config("cuhk_pedes")
-  config.loss.update({t: t in terms for t in objective.TERMS})
+  config.loss.update({t: t in terms for t in objective.TERM_NAMES})
   config.gsrc.start_epoch = 1
+  for section, values in sections.items():
+    config[section].update(values)
   model = clip.CLIP(clip.CLIPConfig(16, clip.VisionConfig((16, 16), 8, 16, 1, 2),
                                     clip.TextConfig(32, 8, 16, 1, 2, 31)))
   return objective.Objective.from_config(config, model, 30, 10, parallel.make_mesh()), config
@@ -118,17 +123,16 @@ def test_reference_code_in_batch_and_consistency_losses(seed):
 
 
 def test_reference_code_in_batch_threshold_is_strict():
-  obj, config = _benchmark_objective(("lrc",), 3)
-  config.relations.image_threshold = config.relations.text_threshold = 0.75
   img = jnp.array([[1.0, 0.0], [0.75, 0.5], [0.0, 1.0]])  # img0 · img1 = 0.75 exactly
   txt = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
 
-  def related():
-    return np.asarray(obj.loss({"img": img, "txt": txt}, _batch(3), jnp.int32(0))[2]["lrc_related"])
+  def related(**compare):
+    obj, config = _benchmark_objective(("lrc",), 3, relations=dict(image_threshold=0.75, text_threshold=0.75, **compare))
+    return config.relations.compare, np.asarray(obj.loss({"img": img, "txt": txt}, _batch(3), jnp.int32(0))[2]["lrc_related"])
 
-  assert config.relations.compare == ">" and not related()[0, 1]  # the code's: 0.75 is not > 0.75
-  config.relations.compare = ">="
-  assert related()[0, 1]
+  compare, pairs = related()
+  assert compare == ">" and not pairs[0, 1]  # the code's: 0.75 is not > 0.75
+  assert related(compare=">=")[1][0, 1]
 
 
 def _memory_case(rng, b, n, d, own_not_first=()):
@@ -154,8 +158,7 @@ def test_reference_code_memory_loss(case):
   expected, picked = _code_memory(i_feats, t_feats, memory_img, memory_txt, threshold)
   assert {"none": picked == 0, "all": picked == 3 * b}.get(case, 0 < picked < 3 * b), (picked, threshold)
 
-  obj, config = _benchmark_objective(("gsrc",), b)
-  config.gsrc.threshold = threshold
+  obj, _ = _benchmark_objective(("gsrc",), b, gsrc=dict(threshold=threshold))
   mesh = obj.mesh
   bank = identity_graph.empty_bank(identity_graph.padded_size(n, mesh), d)
   bank = identity_graph.update_bank(bank, jnp.arange(n), jnp.asarray(memory_img), jnp.asarray(memory_txt), 0.9, mesh,

@@ -5,32 +5,26 @@ import concurrent.futures
 import http.client
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import numpy as np
 import pytest
 
-from dgia_jax import gallery, inference
 from dgia_jax.data import datasets
+from dgia_jax.gallery import exports, searcher
+from dgia_jax.inference import encoding, rebuild
 from tests import helpers
 
+pytestmark = pytest.mark.slow  # trains or starts programs
+
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def export(tiny_run, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("emb"))
-  gallery.export_split(tiny_run, "test", out, shard_rows=10)  # 16 images in two shards
+  exports.export_split(tiny_run, "test", out, shard_rows=10)  # 16 images in two shards
   return tiny_run, out
 
 
@@ -38,11 +32,9 @@ def export(tiny_run, tmp_path_factory):
 def server(export):
   """The service on a free port of 127.0.0.1, started for these tests and stopped after them."""
   _, emb = export
-  port = _free_port()
-  env = {**os.environ, "PYTHONPATH": helpers.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  proc = subprocess.Popen([sys.executable, "-m", "dgia_jax.tools.serve", "--emb", emb, "--port", str(port),
-                           "--query_batch", "4"], cwd=helpers.ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  port = helpers.free_port()
+  proc = helpers.run_module("dgia_jax.tools.serve", "--emb", emb, "--port", str(port), "--query_batch", "4",
+                            background=True)
   base = f"http://127.0.0.1:{port}"
   deadline = time.time() + 240
   while time.time() < deadline:
@@ -62,11 +54,11 @@ def server(export):
 
 
 def _expected(workdir: str, emb_dir: str, queries: list[str], k: int):
-  """What `gallery.exact_search` finds for the queries, embedded by the run as the service embeds them."""
-  emb = gallery.load(emb_dir)
-  run = inference.load_trained(workdir)
-  feats, _ = inference.TextEncoder(run, batch=4).embed(queries)
-  return gallery.exact_search(feats, emb.images, k)
+  """What `searcher.exact_search` finds for the queries, embedded by the run as the service embeds them."""
+  emb = exports.load(emb_dir)
+  run = rebuild.load_trained(workdir)
+  feats, _ = encoding.TextEncoder(run, batch=4).embed(queries)
+  return searcher.exact_search(feats, emb.images, k)
 
 
 QUERIES = ["a man in a red coat and black trousers", "a woman carrying a pink bag", "a girl in a blue skirt",
@@ -78,7 +70,7 @@ def test_serve_results_equal_exact_search_also_when_queries_arrive_together(serv
   scores, rows = _expected(workdir, emb_dir, QUERIES, 5)
   with concurrent.futures.ThreadPoolExecutor(len(QUERIES)) as pool:  # arriving together: embedded in batches
     answers = list(pool.map(lambda q: httpx.get(server + "/api/search", params={"q": q, "k": 5}, timeout=60), QUERIES))
-  index = gallery.load(emb_dir).image_index
+  index = exports.load(emb_dir).image_index
   for i, answer in enumerate(answers):
     assert answer.status_code == 200, answer.text
     body = answer.json()
@@ -93,7 +85,7 @@ def test_serve_results_equal_exact_search_also_when_queries_arrive_together(serv
 
 def test_serve_caption_queries_say_which_results_show_that_person(server, export):
   _, emb_dir = export
-  texts = gallery.load(emb_dir).text_index
+  texts = exports.load(emb_dir).text_index
   random_caption = httpx.get(server + "/api/captions/random", timeout=30).json()
   assert texts[random_caption["row"]]["caption"] == random_caption["caption"]
   body = httpx.get(server + "/api/search", params={"caption": 3, "k": 16}, timeout=30).json()
@@ -138,7 +130,7 @@ def test_serve_bad_input_is_a_4xx_json_error_and_the_service_keeps_serving(serve
 
 def test_serve_images_are_the_exported_splits_files(server, export):
   workdir, _ = export
-  config = inference.load_trained(workdir).config
+  config = rebuild.load_trained(workdir).config
   _, splits = datasets.load(config.data, ("test",))
   answer = httpx.get(server + "/images/7", timeout=30)
   assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
@@ -175,7 +167,12 @@ def test_browser_types_a_query_and_sees_the_apis_results(server, tmp_path):
     assert shown == [f"{r['rank']}. {r['score']:.4f}" for r in api["results"]]
     assert "results in" in browser.find_element(By.ID, "status").text and " ms" in browser.find_element(By.ID, "status").text
     browser.find_element(By.ID, "random").click()  # a caption of the export: green and red frames
-    WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results .tile.hit")) >= 1)
+    framed = "#results .tile.hit, #results .tile.miss"
+    WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, framed)) == 10)
+    row = browser.execute_script("return captionRow")  # the caption the page asked for
+    api = httpx.get(server + "/api/search", params={"caption": row, "k": 10}, timeout=30).json()
+    frames = [e.get_attribute("class").split()[-1] for e in browser.find_elements(By.CSS_SELECTOR, framed)]
+    assert frames == ["hit" if r["match"] else "miss" for r in api["results"]], (row, frames)
     shot = str(tmp_path / "search_page.png")
     assert browser.save_screenshot(shot)
     with open(shot, "rb") as f:

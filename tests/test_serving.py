@@ -4,16 +4,16 @@ every malformed request with a 4xx, never a 500 (fuzzed with hypothesis)."""
 
 import os
 import shutil
-import subprocess
-import sys
 import urllib.parse
 
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from dgia_jax import errors, gallery, serving
+from dgia_jax.common import errors
+from dgia_jax.gallery import exports, serving
 from tests import helpers
 
 HOST = "http://127.0.0.1"
@@ -25,15 +25,13 @@ def own_export(tiny_run, tmp_path_factory):
   for i in range(5):
     Image.new("RGB", (16 + i, 32), (50 * i, 90, 200 - 40 * i)).save(folder / f"p{i}.png")
   out = str(tmp_path_factory.mktemp("emb_own"))
-  gallery.export_images(tiny_run, str(folder), out)
+  exports.export_images(tiny_run, str(folder), out)
   return folder, out
 
 
 @pytest.fixture(scope="module")
-def split_export(tiny_run, tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("emb_split"))
-  gallery.export_split(tiny_run, "test", out, shard_rows=10)
-  return out
+def split_export(exported):
+  return exported[1]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +126,7 @@ def test_a_file_swapped_for_a_link_after_export_is_not_served(own_export, tiny_r
   folder, out = own_export
   copy_folder, copy_out = tmp_path / "crops", str(tmp_path / "emb")
   shutil.copytree(folder, copy_folder)
-  gallery.export_images(tiny_run, str(copy_folder), copy_out)
+  exports.export_images(tiny_run, str(copy_folder), copy_out)
   service = serving.SearchService(copy_out, query_batch=2)
   rows = {r["path"]: r["row"] for r in service.emb.image_index}
   with TestClient(serving.create_app(service), base_url=HOST) as c:
@@ -159,9 +157,7 @@ def test_an_edited_index_is_refused_before_anything_is_served(own_export, tmp_pa
 
 
 def _serve(*args):
-  env = {**os.environ, "PYTHONPATH": helpers.ROOT}
-  return subprocess.run([sys.executable, "-m", "dgia_jax.tools.serve", *args], cwd=helpers.ROOT, env=env,
-                        capture_output=True, text=True, timeout=120)
+  return helpers.run_module("dgia_jax.tools.serve", *args, timeout=120)
 
 
 def test_serve_refuses_a_port_in_use_and_a_wide_host_without_token_in_one_line(split_export):

@@ -10,11 +10,7 @@ import pytest
 
 from tests import benchmark_fixtures, helpers
 
-
-def _program(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-  env = {**os.environ, "PYTHONPATH": helpers.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=helpers.ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+pytestmark = pytest.mark.slow  # trains or starts programs
 
 
 def _assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -43,20 +39,19 @@ def _assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
       "--config.data.manual_dir=/nonexistent/CUHK-PEDES"], ["error: manual_dir /nonexistent/CUHK-PEDES is not a folder"]),
 ])
 def test_main_user_error(tmp_path, args, fragments):
-  proc = _program("dgia_jax.main", "--workdir", str(tmp_path / "run"), *args, f"--config.data.data_dir={tmp_path}")
+  proc = helpers.run_module("dgia_jax.main", "--workdir", str(tmp_path / "run"), *args, f"--config.data.data_dir={tmp_path}")
   _assert_user_error(proc, *fragments)
 
 
 def test_main_user_error_batch_larger_than_the_split(tmp_path, data_dir):
-  config = tmp_path / "tiny.py"
-  config.write_text(f"from tests import helpers\n\ndef get_config():\n  return helpers.tiny_config({data_dir!r})\n")
-  proc = _program("dgia_jax.main", "--config", str(config), "--workdir", str(tmp_path / "run"),
+  config = helpers.write_tiny_config(tmp_path / "tiny.py", data_dir)
+  proc = helpers.run_module("dgia_jax.main", "--config", str(config), "--workdir", str(tmp_path / "run"),
                   "--config.train.batch_size=128")
   _assert_user_error(proc, "error: train.batch_size=128 exceeds the 64 training pairs")
 
 
 def test_ablate_user_error(tmp_path):
-  proc = _program("dgia_jax.tools.ablate", "--config", "configs/default.py", "--workdir", str(tmp_path),
+  proc = helpers.run_module("dgia_jax.tools.ablate", "--config", "configs/default.py", "--workdir", str(tmp_path),
                   "--rows", "full,nope")
   _assert_user_error(proc, "error: unknown ablation rows ['nope']")
 
@@ -73,41 +68,42 @@ def test_prepare_user_error_lists_every_bad_record(tmp_path):
     f.write(b"\xff\xd8\xff truncated")
   annos[7]["file_path"] = annos[8]["file_path"]
   benchmark_fixtures.write_annotations(root, "cuhk_pedes", annos)
-  proc = _program("dgia_jax.tools.prepare", "--dataset=cuhk_pedes", f"--manual_dir={root}",
+  proc = helpers.run_module("dgia_jax.tools.prepare", "--dataset=cuhk_pedes", f"--manual_dir={root}",
                   f"--data_dir={tmp_path / 'tfds'}")
   _assert_user_error(proc, "error: cuhk_pedes: 7 problems in 7 of", "record 0 (", "caption 0 is empty",
                      "image file not found", "missing key 'id'", "unknown split 'tset'", "id 'seven' is not an integer",
                      "cannot read image", "duplicate path")
   unreadable = tmp_path / "CUHK-PEDES" / "reid_raw.json"
   unreadable.write_text("[{")
-  _assert_user_error(_program("dgia_jax.tools.prepare", "--dataset=cuhk_pedes", f"--manual_dir={root}",
+  _assert_user_error(helpers.run_module("dgia_jax.tools.prepare", "--dataset=cuhk_pedes", f"--manual_dir={root}",
                               f"--data_dir={tmp_path / 'tfds'}"), f"error: {unreadable} is not valid JSON")
 
 
 def test_export_evaluate_user_error_on_a_workdir_that_is_not_a_run(tmp_path):
   for module, extra in (("dgia_jax.tools.export", ["--out", str(tmp_path / "emb")]), ("dgia_jax.tools.evaluate", [])):
-    proc = _program(module, "--workdir", str(tmp_path), *extra)
+    proc = helpers.run_module(module, "--workdir", str(tmp_path), *extra)
     _assert_user_error(proc, f"error: {tmp_path} is not a training workdir: config.json is missing")
 
 
 def test_search_report_user_error_on_a_folder_that_is_not_an_export(tmp_path):
   message = f"error: {tmp_path}/manifest.json is missing: {tmp_path} is not an export"
-  _assert_user_error(_program("dgia_jax.tools.search", "--emb", str(tmp_path), "--query", "a man"), message)
-  _assert_user_error(_program("dgia_jax.tools.report", "--emb", str(tmp_path), "--out", str(tmp_path / "r")), message)
+  _assert_user_error(helpers.run_module("dgia_jax.tools.search", "--emb", str(tmp_path), "--query", "a man"), message)
+  _assert_user_error(helpers.run_module("dgia_jax.tools.report", "--emb", str(tmp_path), "--out", str(tmp_path / "r")), message)
 
 
 def test_evaluate_user_error_on_a_run_without_checkpoints(tmp_path):
   run = tmp_path / "run"
   (run / "checkpoints").mkdir(parents=True)
   (run / "config.json").write_text(json.dumps(helpers.load_config("synthetic_scratch").to_dict()))
-  proc = _program("dgia_jax.tools.evaluate", "--workdir", str(run), "--dataset", "market1501")
+  proc = helpers.run_module("dgia_jax.tools.evaluate", "--workdir", str(run), "--dataset", "market1501")
   _assert_user_error(proc, "error: no checkpoint in")  # the run's checkpoints are read first
-  proc = _program("dgia_jax.tools.evaluate", "--workdir", str(tmp_path / "none"))
+  proc = helpers.run_module("dgia_jax.tools.evaluate", "--workdir", str(tmp_path / "none"))
   _assert_user_error(proc, "is not a training workdir")
 
 
 _INTERNAL = """
 from dgia_jax import cli
+
 
 def main(argv):
   raise RuntimeError("a bug, not the user's doing")
@@ -118,6 +114,6 @@ cli.run(main)
 
 def test_internal_errors_keep_their_traceback_not_a_user_error():
   proc = subprocess.run([sys.executable, "-c", _INTERNAL], cwd=helpers.ROOT, capture_output=True, text=True,
-                        env={**os.environ, "PYTHONPATH": helpers.ROOT}, timeout=120)
+                        env=helpers.env(), timeout=120)
   assert proc.returncode == 1 and "Traceback" in proc.stderr and "RuntimeError: a bug" in proc.stderr
   assert not proc.stderr.strip().splitlines()[-1].startswith("error:")

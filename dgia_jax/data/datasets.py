@@ -7,7 +7,7 @@ import os
 import tensorflow_datasets as tfds
 
 from data_prep import benchmarks, synthetic_persons
-from dgia_jax import errors
+from dgia_jax.common import errors
 from dgia_jax.data.pipeline import Split, hold_out_identities, open_split
 from dgia_jax.data.tokenizer import Tokenizer, train_bpe
 

@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from data_prep import images
-from dgia_jax import errors
+from dgia_jax.common import errors
 from dgia_jax.data.tokenizer import Tokenizer
 
 _READ_CHUNK = 512

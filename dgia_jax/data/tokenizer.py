@@ -25,7 +25,7 @@ import tokenizers
 from absl import logging
 from tokenizers import AddedToken, models, normalizers, pre_tokenizers, trainers
 
-from dgia_jax import errors
+from dgia_jax.common import errors
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"

@@ -53,7 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from dgia_jax import cli, errors
+from dgia_jax.common import config_files, errors
 from dgia_jax.models import clip
 
 _CACHE_FORMAT = 1  # bump when the conversion changes
@@ -418,7 +418,7 @@ def convert(tensors: dict[str, np.ndarray], layout: str, cfg: clip.CLIPConfig, a
 # ---------------------------------------------------------------------------------------
 
 def default_cache_dir() -> str:
-  return cli.user_cache_dir("converted")
+  return config_files.user_cache_dir("converted")
 
 
 def cache_key(source: Source, cfg: clip.CLIPConfig, appended_tokens: int) -> str:

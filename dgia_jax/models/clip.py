@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from dgia_jax import errors
+from dgia_jax.common import errors
 
 # OpenAI CLIP's image normalisation (RGB).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)

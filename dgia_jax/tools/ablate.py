@@ -9,7 +9,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from dgia_jax import ablation, cli
+from dgia_jax import cli
+from dgia_jax.training import ablation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
                                           lock_config=True)

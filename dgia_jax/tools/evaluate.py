@@ -4,7 +4,7 @@
   python -m dgia_jax.tools.evaluate --workdir runs/cuhk_pedes --best \\
       --dataset icfg_pedes --manual_dir /path/to/ICFG-PEDES        # cross-domain: CUHK-PEDES → ICFG-PEDES
 
-The figures are the trainer's (`inference.evaluate_run`, the field's protocol: every caption of
+The figures are the trainer's (`evaluators.evaluate_run`, the field's protocol: every caption of
 the split is a query over every image of it). By default the run's latest checkpoint is
 evaluated; `--best` takes the best-on-validation parameters the run kept. `--dataset` reads
 another benchmark with the run's tokenizer, image size and context length, building it into
@@ -16,7 +16,9 @@ import os
 
 from absl import flags
 
-from dgia_jax import cli, files, inference, reporting, rundir
+from dgia_jax import cli
+from dgia_jax.evaluation import evaluators
+from dgia_jax.run import files, reporting, rundir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
@@ -32,7 +34,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   cli.start(argv)
-  result = inference.evaluate_run(_WORKDIR.value, _SPLIT.value, _STEP.value, _BEST.value, _DATASET.value,
+  result = evaluators.evaluate_run(_WORKDIR.value, _SPLIT.value, _STEP.value, _BEST.value, _DATASET.value,
                                   _MANUAL_DIR.value)
   out = _OUT.value or rundir.RunDir(result["workdir"]).evaluation_file(result["dataset"], result["split"],
                                                                        result["step"], result["best"])

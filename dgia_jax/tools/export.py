@@ -12,7 +12,8 @@ folder changed and only new or changed files are embedded.
 
 from absl import flags
 
-from dgia_jax import cli, gallery
+from dgia_jax import cli
+from dgia_jax.gallery import exports
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split of the run's data set to embed (unless --images).")
@@ -21,19 +22,19 @@ _OUT = flags.DEFINE_string("out", None, "Directory the embeddings and their inde
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", lower_bound=0)
 _BEST = flags.DEFINE_bool("best", False, "Embed with the best-on-validation parameters the run kept (workdir/best).")
 _SHARD_ROWS = flags.DEFINE_integer("shard_rows", 65536, "Rows per embedding shard.", lower_bound=1)
-_FORMAT = flags.DEFINE_enum("format", "npy", gallery.FORMATS, "File format of the shards.")
+_FORMAT = flags.DEFINE_enum("format", "npy", exports.FORMATS, "File format of the shards.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv):
   cli.start(argv)
   if _IMAGES.value:
-    m = gallery.export_images(_WORKDIR.value, _IMAGES.value, _OUT.value, _STEP.value, _SHARD_ROWS.value,
+    m = exports.export_images(_WORKDIR.value, _IMAGES.value, _OUT.value, _STEP.value, _SHARD_ROWS.value,
                               _FORMAT.value, _BEST.value)
     what = (f"{m['counts']['images']} images of {m['images_dir']} ({m['embedded']} embedded now, {m['reused']} "
             f"unchanged since the last export)")
   else:
-    m = gallery.export_split(_WORKDIR.value, _SPLIT.value, _OUT.value, _STEP.value, _SHARD_ROWS.value,
+    m = exports.export_split(_WORKDIR.value, _SPLIT.value, _OUT.value, _STEP.value, _SHARD_ROWS.value,
                              _FORMAT.value, _BEST.value)
     what = f"{m['counts']['images']} images and {m['counts']['texts']} captions of split '{m['split']}'"
   shards = len(m["shards"]["images"]) + len(m["shards"]["texts"])

@@ -8,7 +8,8 @@ import os
 
 from absl import flags
 
-from dgia_jax import cli, gallery, report
+from dgia_jax import cli
+from dgia_jax.gallery import exports, report
 
 _EMB = flags.DEFINE_string("emb", None, "Export directory (python -m dgia_jax.tools.export).")
 _OUT = flags.DEFINE_string("out", None, "Directory the report is written to.")
@@ -21,7 +22,7 @@ flags.mark_flags_as_required(["emb", "out"])
 
 def main(argv):
   cli.start(argv)
-  found = report.write_report(gallery.load(_EMB.value), _OUT.value, _NUM_QUERIES.value, _K.value, _SEED.value)
+  found = report.write_report(exports.load(_EMB.value), _OUT.value, _NUM_QUERIES.value, _K.value, _SEED.value)
   print(f"wrote {os.path.join(_OUT.value, report.HTML_FILE)} and {report.PNG_FILE}: {len(found['queries'])} "
         f"captions, Rank-1 hits {int(found['hit'][:, 0].sum())}")
 

@@ -6,14 +6,16 @@
 
 Queries are embedded by the text tower of the run and checkpoint the export names
 (`--workdir` if the run has moved). Exact search is a jitted matmul + top-k per shard
-(`gallery.exact_search`); `--index faiss` builds a FAISS index shard by shard instead
+(`searcher.exact_search`); `--index faiss` builds a FAISS index shard by shard instead
 (faiss-cpu, imported only then).
 """
 
 import numpy as np
 from absl import flags
 
-from dgia_jax import cli, errors, gallery
+from dgia_jax import cli
+from dgia_jax.common import errors
+from dgia_jax.gallery import exports, searcher
 
 _EMB = flags.DEFINE_string("emb", None, "Export directory (python -m dgia_jax.tools.export).")
 _QUERY = flags.DEFINE_string("query", None, "One text query.")
@@ -28,7 +30,7 @@ _VERIFY = flags.DEFINE_bool("verify", True, "Check every shard's sha256 against 
 flags.mark_flags_as_required(["emb"])
 
 
-def format_results(emb: gallery.Embeddings, texts: list[str], scores: np.ndarray, rows: np.ndarray) -> str:
+def format_results(emb: exports.Embeddings, texts: list[str], scores: np.ndarray, rows: np.ndarray) -> str:
   """One block per query: its text, then rank, score, person id and path of each result."""
   lines = []
   for q, text in enumerate(texts):
@@ -44,9 +46,9 @@ def main(argv):
   cli.start(argv)
   if (_QUERY.value is None) == (_QUERIES_FILE.value is None):
     raise errors.ConfigError("give exactly one of --query and --queries_file")
-  texts = [_QUERY.value] if _QUERY.value is not None else gallery.read_queries(_QUERIES_FILE.value)
-  emb = gallery.load(_EMB.value, verify=_VERIFY.value)
-  scores, rows = gallery.search_texts(emb, texts, _K.value, _INDEX.value, _WORKDIR.value, _FAISS_FACTORY.value,
+  texts = [_QUERY.value] if _QUERY.value is not None else searcher.read_queries(_QUERIES_FILE.value)
+  emb = exports.load(_EMB.value, verify=_VERIFY.value)
+  scores, rows = searcher.search_texts(emb, texts, _K.value, _INDEX.value, _WORKDIR.value, _FAISS_FACTORY.value,
                                       _NPROBE.value)
   print(format_results(emb, texts, scores, rows))
 

@@ -17,7 +17,9 @@ import socket
 import uvicorn
 from absl import flags
 
-from dgia_jax import cli, errors, serving
+from dgia_jax import cli
+from dgia_jax.common import errors
+from dgia_jax.gallery import serving
 
 _EMB = flags.DEFINE_string("emb", None, "Export directory (python -m dgia_jax.tools.export).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (default: the one the export names).")

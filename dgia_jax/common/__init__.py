@@ -1,0 +1,1 @@
+"""What every layer shares: the user's errors, the mesh, the program start's allocator setting, config files."""

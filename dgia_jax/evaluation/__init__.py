@@ -1,0 +1,1 @@
+"""Evaluation: evaluators built from config, the best-epoch policy, the field's retrieval figures."""

@@ -1,0 +1,1 @@
+"""Inference: a trained run rebuilt from its directory, and its encoders."""

@@ -1,0 +1,1 @@
+"""A run on disk: its directory, metric records and curves, checkpoints, files written whole."""
