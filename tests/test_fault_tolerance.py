@@ -355,6 +355,23 @@ def test_a_reader_of_a_live_run_reads_a_whole_checkpoint_while_the_writer_rotate
   assert reads > 5
 
 
+def test_a_listing_that_misses_the_steps_on_disk_is_read_again(tmp_path):
+  """A reader that opens a live run as the writer commits a step can list none; it lists again."""
+  directory = str(tmp_path / "checkpoints")
+  writer = checkpointing.Checkpointer(directory, 1, 2, async_save=False)
+  writer.save(3, {"params": {"w": np.full((4,), 3, np.float32)}}, force=True)
+  writer.close()
+  reader = checkpointing.Checkpointer(directory, read_only=True)
+  missed = [[], []]  # two listings that miss step 3, then the real ones
+  real = reader._manager.all_steps
+  reader._manager.all_steps = lambda *a, **k: missed.pop() if missed else real(*a, **k)
+  step, raw = reader.restore_raw()
+  assert step == 3 and np.all(np.asarray(raw["params"]["w"]) == 3)
+  empty = checkpointing.Checkpointer(str(tmp_path / "empty"), read_only=True)
+  with pytest.raises(errors.MissingPathError, match="no checkpoint in"):
+    empty.restore_raw()
+
+
 # ---- damaged checkpoints, failed writes -----------------------------------------------------
 
 

@@ -77,13 +77,22 @@ class Checkpointer:
     `set_aside`, the newer ones that did not moved to `damaged/`); None if there are no checkpoints.
 
     A step that vanished while it was read (the writer of a live run removed it, keeping its newest
-    `keep`) is no failure: the steps are listed again and the newest of them is read."""
+    `keep`), or a listing that missed the steps on disk (one caught while the writer committed it),
+    is no failure: the steps are listed again and the newest of them is read."""
     for _ in range(10):
       try:
-        return self._first_restorable(restore_step, steps, set_aside)
+        found = self._first_restorable(restore_step, steps, set_aside)
+        if found is not None or steps is not None or not self._steps_on_disk():
+          return found
       except _Vanished:
-        _listing(self._manager.reload)
+        pass
+      time.sleep(0.01)
+      _listing(self._manager.reload)
     return self._first_restorable(restore_step, steps, set_aside)
+
+  def _steps_on_disk(self) -> bool:
+    """Whether the directory holds a committed step's folder (named by its number)."""
+    return os.path.isdir(self.directory) and any(n.isdigit() for n in os.listdir(self.directory))
 
   def _first_restorable(self, restore_step, steps: list[int] | None, set_aside: bool):
     failures = []
