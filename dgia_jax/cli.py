@@ -16,14 +16,16 @@ _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None,
     "Where compiled XLA programs are kept between runs, so that a resumed run or a rerun of the same "
     "config skips compilation (a ViT-B/16 train step takes ~4 min to compile for an H100). "
-    "Default: user_cache_dir('xla'); '' turns the cache off.")
+    "Default: $JAX_COMPILATION_CACHE_DIR if set, else user_cache_dir('xla'); '' turns the cache off.")
 
 
 def enable_compilation_cache() -> str:
   """Turns on JAX's persistent compilation cache at `--compilation_cache_dir`; call before the
   first compilation. Programs that compile in under a second are not kept (JAX's default).
   Returns the directory ("" when off)."""
-  path = config_files.user_cache_dir("xla") if _COMPILATION_CACHE_DIR.value is None else _COMPILATION_CACHE_DIR.value
+  path = _COMPILATION_CACHE_DIR.value
+  if path is None:
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or config_files.user_cache_dir("xla")
   jax.config.update("jax_compilation_cache_dir", os.path.abspath(path) if path else None)  # off even if JAX's env says on
   return path
 

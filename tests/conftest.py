@@ -11,12 +11,15 @@ from tests import helpers
 # tests' in-process training steps then reuse their temporary buffers' pages.
 host_memory.retain_freed_memory()
 
-# Before JAX starts its backend: the tests' XLA flags (`helpers.TEST_XLA_FLAGS`), as their subprocesses get them.
-os.environ["XLA_FLAGS"] = f"{helpers.TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+# Before JAX starts its backend: the XLA flags of a one-device subprocess (`helpers.env`), so that a
+# program compiled in-process and the same program compiled by a subprocess share one cache entry
+# (the flags are part of the compilation cache's key).
+os.environ["XLA_FLAGS"] = helpers.env(devices=1)["XLA_FLAGS"]
 
 # JAX's persistent compilation cache, as every program keeps one (`cli.enable_compilation_cache`):
 # the tests train the same tiny model many times, and a program compiled once is read back after
-# (a tiny training's 32 s fall to 9 s). Shared by both test workers and their subprocesses.
+# (a tiny training's 32 s fall to 9 s). Shared by both test workers and their subprocesses (programs
+# take $JAX_COMPILATION_CACHE_DIR as their default `--compilation_cache_dir`).
 COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), "dgia_jax_tests_xla_cache")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)

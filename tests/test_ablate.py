@@ -8,6 +8,8 @@ import pytest
 from dgia_jax.training import ablation
 from tests import helpers
 
+pytestmark = pytest.mark.slow  # trains
+
 
 def test_rows_differ_only_in_their_switches(tiny_config):
   itc, full, oracle = (ablation.row_config(tiny_config, r, seed=2) for r in ("itc", "full", "oracle"))

@@ -77,6 +77,7 @@ def _reference(model, images: np.ndarray, tokens: np.ndarray, interpolate: bool 
   return img.numpy(), txt.numpy()
 
 
+@pytest.mark.slow  # compiles both towers
 @pytest.mark.parametrize("layout", ["safetensors", "pytorch_model.bin", "openai state dict"])
 def test_embeddings_match_transformers(ckpt, layout, tmp_path):
   tok, cfg = ckpt["tok"], _cfg(ckpt["tok"])
@@ -145,6 +146,7 @@ def test_non_square_input_matches_reference_with_resized_positions(ckpt, tmp_pat
   assert err <= 1e-4
 
 
+@pytest.mark.slow  # compiles both towers twice
 def test_bfloat16_compute_stays_close_to_float32(ckpt, tmp_path):
   tok = ckpt["tok"]
   params = checkpoint_io.load_clip(ckpt["paths"]["safetensors"], _cfg(tok), appended_tokens=1, cache_dir=str(tmp_path))
@@ -248,6 +250,7 @@ def test_not_a_checkpoint_is_refused(tmp_path):
     checkpoint_io.read_tensors(checkpoint_io.find_source(str(tmp_path / "weights.pt")))
 
 
+@pytest.mark.slow  # starts a program
 def test_safetensors_loading_does_not_import_torch(ckpt, tmp_path):
   tok = ckpt["tok"]
   code = f"""
@@ -266,6 +269,7 @@ assert "torch" not in sys.modules and "transformers" not in sys.modules, sorted(
   helpers.run_python(code)
 
 
+@pytest.mark.slow  # trains
 def test_training_starts_from_the_checkpoint(ckpt, tiny_config, tmp_path):
   """`model.init_from` replaces the random init; with a vanishing learning rate the trained
   parameters are still the checkpoint's (position grid resized to the 32×16 input)."""

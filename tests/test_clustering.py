@@ -103,6 +103,7 @@ def test_label_quality_hand_computed():
   assert q["ari"] == pytest.approx(metrics.adjusted_rand_score(true, [0, 0, 1, 1, 2, 1]))
 
 
+@pytest.mark.slow  # trains
 def test_trainer_clusters_from_the_epoch_start_params_and_checkpoints_them(tmp_path, data_dir):
   cfg = helpers.tiny_config(data_dir)
   cfg.loss.update(dict(lrc=True, iasc=False, gsrc=False))

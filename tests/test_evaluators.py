@@ -32,6 +32,7 @@ def test_best_epoch_is_selected_on_validation_identities_only(trained):
   assert step == best["step"]
 
 
+@pytest.mark.slow  # trains
 def test_without_test_curves_the_best_epoch_is_evaluated_from_its_checkpoint(tmp_path, tiny_config):
   tiny_config.evals.test.every = "last"
   tiny_config.train.epochs = 3

@@ -8,6 +8,8 @@ import pytest
 from dgia_jax.common import host_memory
 from tests import helpers
 
+pytestmark = pytest.mark.slow  # starts programs
+
 # Starts as every program does (`cli.start`), then allocates, touches and frees 64 MB twice with
 # malloc (as XLA does its temporary buffers); prints the page faults of the second time.
 _SECOND_ALLOCATION_FAULTS = """

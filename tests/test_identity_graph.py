@@ -59,6 +59,7 @@ def test_edge_weights_hand_computed():
   assert np.isneginf(w[0, 2])
 
 
+@pytest.mark.slow  # compiles the whole step
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**31 - 1))
 def test_anchor_without_neighbours_reduces_to_the_local_target(b, k, seed):
@@ -81,6 +82,7 @@ def test_anchor_without_neighbours_reduces_to_the_local_target(b, k, seed):
 # ---- banks and search ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # compiles the whole step
 def test_bank_first_write_then_ema(mesh):
   rng = np.random.default_rng(0)
   a, b = unit(rng.normal(size=(3, 4))), unit(rng.normal(size=(3, 4)))
@@ -204,6 +206,7 @@ np.savez(OUT_PATH, devices=jax.device_count(), shard=np.asarray(new.image.addres
 """
 
 
+@pytest.mark.slow  # starts a program
 def test_sharded_search_loss_grads_and_update_equal_one_device(tmp_path):
   results = {}
   for devices in (1, 8):

@@ -1,5 +1,6 @@
 """The main job's command line: bad input gives a clear message, not a deep traceback."""
 
+import os
 import re
 import subprocess
 import sys
@@ -52,9 +53,9 @@ print("misses=%d" % sum(e.endswith("/cache_misses") for e in events))
 """
 
 
-def _cache_probe(*flags):
+def _cache_probe(*flags, **environ):
   proc = subprocess.run([sys.executable, "-c", _CACHE_PROBE, *flags], cwd=helpers.ROOT, capture_output=True,
-                        text=True, timeout=120)
+                        text=True, timeout=120, env={**os.environ, **environ})
   assert proc.returncode == 0, proc.stderr
   return dict(line.split("=", 1) for line in proc.stdout.split())
 
@@ -66,6 +67,10 @@ def test_compilation_cache_is_reused_by_the_next_run(tmp_path):
   assert any(cache.iterdir())  # the compiled programs were written
   second = _cache_probe(f"--compilation_cache_dir={cache}")
   assert (second["hits"], second["misses"]) == (first["misses"], "0")  # every one read back, none recompiled
+
+
+def test_compilation_cache_defaults_to_jaxs_own_variable(tmp_path):
+  assert _cache_probe(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"))["dir"] == str(tmp_path / "jax")
 
 
 def test_compilation_cache_can_be_turned_off(tmp_path):

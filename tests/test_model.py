@@ -45,6 +45,7 @@ def test_pedestrian_input_size_sets_the_position_grid():
   assert shapes["visual"]["positional_embedding"].shape == (24 * 8 + 1, 768)
 
 
+@pytest.mark.slow  # compiles both towers
 def test_outputs_are_l2_normalised(small):
   model, params = small
   rng = np.random.default_rng(0)
@@ -55,6 +56,7 @@ def test_outputs_are_l2_normalised(small):
   np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles both towers
 def test_text_feature_is_read_at_end_of_text_and_is_causal(small):
   model, params = small
   enc = lambda t: model.apply({"params": params}, jnp.asarray(t, jnp.int32), method=clip.CLIP.encode_text)  # noqa: E731
@@ -67,6 +69,7 @@ def test_text_feature_is_read_at_end_of_text_and_is_causal(small):
   assert np.abs(enc(base) - enc(before)).max() > 1e-3
 
 
+@pytest.mark.slow  # compiles a tower per variant
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_computing_one_row_per_sequence_matches_the_full_block(causal):
   block = clip.ResidualAttentionBlock(16, 2, 2, causal, "quick_gelu", jnp.float32)
@@ -82,6 +85,7 @@ def test_block_computing_one_row_per_sequence_matches_the_full_block(causal):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
 
 
+@pytest.mark.slow  # compiles a tower per variant
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("length", [7, 8])
 def test_padded_attention_matches_unpadded_attention(causal, length):
@@ -98,6 +102,7 @@ def test_padded_attention_matches_unpadded_attention(causal, length):
     np.testing.assert_allclose(b, a, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles a tower per variant
 def test_cudnn_attention_off_a_gpu_gives_the_xla_features():
   """A model configured for cuDNN attention (trained on a GPU) evaluates on a CPU with XLA's
   attention: same parameters, same features."""
@@ -113,6 +118,7 @@ def test_cudnn_attention_off_a_gpu_gives_the_xla_features():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # compiles both towers
 def test_bfloat16_compute_keeps_float32_params():
   p = presets.small()
   p.dtype = "bfloat16"

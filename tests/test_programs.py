@@ -17,6 +17,8 @@ from dgia_jax.common import errors
 from dgia_jax.gallery import exports, report, searcher
 from tests import helpers
 
+pytestmark = pytest.mark.slow  # starts programs
+
 PROGRAMS = ["dgia_jax.main", "dgia_jax.tools.ablate", "dgia_jax.tools.evaluate", "dgia_jax.tools.export",
             "dgia_jax.tools.prepare", "dgia_jax.tools.report", "dgia_jax.tools.search", "dgia_jax.tools.serve"]
 

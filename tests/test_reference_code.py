@@ -147,6 +147,7 @@ def _memory_case(rng, b, n, d, own_not_first=()):
   return i_feats, t_feats, memory_img, memory_txt
 
 
+@pytest.mark.slow  # compiles the whole step per case
 @pytest.mark.parametrize("case", ["some", "none", "all", "own_row_not_first"])
 def test_reference_code_memory_loss(case):
   rng = np.random.default_rng(["some", "none", "all", "own_row_not_first"].index(case))
@@ -173,6 +174,7 @@ def test_reference_code_memory_loss(case):
   assert float(terms["gsrc"]) == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.slow  # compiles the whole step
 def test_reference_code_bank_update_is_a_raw_running_mean():
   rng = np.random.default_rng(0)
   obj, _ = _benchmark_objective(("gsrc",), 4)

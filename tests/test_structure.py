@@ -72,6 +72,7 @@ def test_data_prep_never_imports_dgia_jax():
 
 @pytest.mark.parametrize("module", ["dgia_jax.gallery.exports", "dgia_jax.gallery.searcher", "dgia_jax.gallery.report",
                                     "dgia_jax.gallery.serving", "dgia_jax.evaluation.evaluators"])
+@pytest.mark.slow  # starts a program per library
 def test_inference_libraries_import_without_the_trainer(module):
   code = f"import sys, {module}; print(sorted({{m.split('.')[1] for m in sys.modules if m.startswith({TRAINING_PACKAGES!r})}}))"
   out = helpers.run_python(code).stdout.strip().splitlines()[-1]

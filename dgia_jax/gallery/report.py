@@ -20,16 +20,13 @@ import io
 import os
 import textwrap
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from dgia_jax.common import errors  # noqa: E402
-from dgia_jax.gallery import exports, searcher  # noqa: E402
-from dgia_jax.run import files  # noqa: E402
+from dgia_jax.common import errors
+from dgia_jax.gallery import exports, searcher
+from dgia_jax.run import files
 
 HTML_FILE, PNG_FILE, IMAGES_DIR = "report.html", "report.png", "images"
 DPI = 100
@@ -89,8 +86,8 @@ def write_html(emb: exports.Embeddings, found: dict[str, np.ndarray], image_file
 def plot_grid(emb: exports.Embeddings, found: dict[str, np.ndarray], images: dict[int, np.ndarray], path: str) -> None:
   """report.png: a row per query, its caption then its top-k images with match borders and scores."""
   n, k = found["rows"].shape
-  fig, axes = plt.subplots(n, k + 1, figsize=figure_size(n, k), squeeze=False,
-                           gridspec_kw={"width_ratios": [TEXT_WIDTH] + [CELL_WIDTH] * k})
+  fig = Figure(figsize=figure_size(n, k))
+  axes = fig.subplots(n, k + 1, squeeze=False, gridspec_kw={"width_ratios": [TEXT_WIDTH] + [CELL_WIDTH] * k})
   for q, text_row in enumerate(found["queries"]):
     axes[q, 0].axis("off")
     axes[q, 0].text(0, 0.5, "\n".join(textwrap.wrap(emb.text_index[text_row]["caption"], 38)), va="center",
@@ -106,7 +103,6 @@ def plot_grid(emb: exports.Embeddings, found: dict[str, np.ndarray], images: dic
       ax.set_title(f"{score:.3f}", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=DPI)
-  plt.close(fig)
 
 
 def check_sizes(num_queries: int, k: int) -> None:

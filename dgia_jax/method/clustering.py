@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import sparse
-from sklearn import metrics
-from sklearn.cluster import DBSCAN
 
 from dgia_jax.evaluation import metrics as retrieval_metrics
 
@@ -216,6 +214,9 @@ def dbscan_labels(distance: sparse.csr_matrix, eps: float = 0.6, min_samples: in
   Only stored entries ≤ eps are neighbours (stored zeros included); a point is its own
   neighbour and counts towards `min_samples`.
   """
+  # Imported here: scikit-learn takes 1.5 s to import, and only a clustering epoch needs it.
+  from sklearn.cluster import DBSCAN
+
   labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(distance)
   return labels.astype(np.int64)
 
@@ -253,6 +254,8 @@ def label_quality(labels: np.ndarray, true_ids: np.ndarray) -> dict[str, float]:
   ARI and NMI count every outlier as its own cluster; pair precision/recall are over pairs
   put in one cluster vs pairs of one person.
   """
+  from sklearn import metrics  # imported here, as in `dbscan_labels`
+
   labels, true_ids = np.asarray(labels), np.asarray(true_ids)
   outlier = labels < 0
   singletons = np.where(outlier, labels.max(initial=-1) + 1 + np.arange(len(labels)), labels)

@@ -8,14 +8,11 @@ import math
 import sys
 import time
 
-import matplotlib
+from matplotlib.figure import Figure
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from dgia_jax.common import errors  # noqa: E402
-from dgia_jax.run import files, rundir  # noqa: E402
+from dgia_jax.common import errors
+from dgia_jax.run import files, rundir
 
 
 def interactive() -> bool:
@@ -146,7 +143,8 @@ def plot_curves(records: list[dict], path: str, title: str = "") -> None:
   """Loss terms against step, and retrieval metrics against epoch, in one PNG."""
   train = [r for r in records if r["kind"] == "train"]
   evals = [r for r in records if r["kind"] == "eval" and "t2i" in r]  # a diverged evaluation has no figures
-  fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig = Figure(figsize=(12, 4.5))  # no pyplot: no global figure state, no GUI backend
+  ax_loss, ax_eval = fig.subplots(1, 2)
   loss_keys = sorted({k for r in train for k in r if k.startswith("loss")})
   for key in loss_keys:
     pts = [(r["step"], r[key]) for r in train if key in r and math.isfinite(r[key]) and r[key] > 0]
@@ -170,10 +168,7 @@ def plot_curves(records: list[dict], path: str, title: str = "") -> None:
     ax_eval.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  try:
-    files.replace_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-  finally:
-    plt.close(fig)
+  files.replace_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -17,16 +17,13 @@ from __future__ import annotations
 import os
 import time
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dgia_jax.common import errors  # noqa: E402
-from dgia_jax.method import objective  # noqa: E402
-from dgia_jax.run import files, rundir  # noqa: E402
-from dgia_jax.training import train  # noqa: E402
+from dgia_jax.common import errors
+from dgia_jax.method import objective
+from dgia_jax.run import files, rundir
+from dgia_jax.training import train
 
 # The objective's terms (its term table): the base loss alone, each other term beside it, all of them.
 _BASE, *_OTHERS = objective.TERM_NAMES
@@ -168,7 +165,8 @@ def markdown(summary: dict, command: str) -> str:
 def bar_chart(summary: dict, path: str) -> None:
   rows = list(summary)
   x = np.arange(len(rows))
-  fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 3, 4))
+  fig = Figure(figsize=(1.4 * len(rows) + 3, 4))
+  ax = fig.subplots()
   for i, (metric, which) in enumerate((("R1", "last"), ("mAP", "last"), ("R1", "best_val"))):
     vals = [summary[r][which][metric] if summary[r][which] else {"mean": 0, "std": 0} for r in rows]
     ax.bar(x + (i - 1) * 0.27, [v["mean"] for v in vals], 0.27, yerr=[v["std"] for v in vals], capsize=3,
@@ -178,10 +176,7 @@ def bar_chart(summary: dict, path: str) -> None:
   ax.grid(axis="y", alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  try:
-    files.replace_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-  finally:
-    plt.close(fig)
+  files.replace_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def run_study(config, root: str, rows: list[str], seeds: int, command: str) -> str:
