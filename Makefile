@@ -18,6 +18,9 @@ $(RUN_STAMP): requirements.txt pyproject.toml | $(BIN)/python
 
 $(DEV_STAMP): $(RUN_STAMP) requirements-dev.txt
 	$(PIP) -r requirements-dev.txt
+	# OpenAI's own CLIP tokenizer and BPE file, the tests' reference for the field's text pipeline;
+	# without its dependencies (its torchvision would replace the CPU torch).
+	$(PIP) --no-deps clip-anytorch==2.6.0
 	touch $@
 
 venv: $(DEV_STAMP)

@@ -94,10 +94,10 @@ def main():
     model.save_pretrained(folder)
     cfg = model_config((224, 224))
     t = time.perf_counter()
-    params = checkpoint_io.load_clip(folder, cfg, appended_tokens=1, cache_dir=cache)
+    params = checkpoint_io.load_clip(folder, cfg, appended_tokens=1, cache_dir=cache)[0]
     out["convert_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    cached = checkpoint_io.load_clip(folder, cfg, appended_tokens=1, cache_dir=cache)
+    cached = checkpoint_io.load_clip(folder, cfg, appended_tokens=1, cache_dir=cache)[0]
     out["cached_load_s"] = time.perf_counter() - t
     out["cache_speedup"] = out["convert_s"] / out["cached_load_s"]
     flat_cached = traverse_util.flatten_dict(cached)
@@ -116,7 +116,7 @@ def main():
       out[f"bf16_{name}_min_cosine"] = float(jnp.min(jnp.sum(a * b, axis=-1)))
 
     wide = model_config((384, 128))
-    params = checkpoint_io.load_clip(folder, wide, appended_tokens=1, cache_dir=cache)
+    params = checkpoint_io.load_clip(folder, wide, appended_tokens=1, cache_dir=cache)[0]
     emb = model.vision_model.embeddings
     pos = emb.position_embedding.weight.detach()
     grid = pos[1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)

@@ -23,6 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.resize = "bicubic"  # or "bilinear" (torchvision's default, the reference code's)
   c.data.context_length = 48
   c.data.tokenizer = ""  # "" = the tokenizer saved beside the data
+  # "hf": the tokenizer's own cleaning (Hugging Face's); "irra": the field's code's text pipeline on
+  # CLIP's BPE (ftfy + HTML unescaped twice, mask token id 49405: dgia_jax/data/field_text.py), what its
+  # released checkpoints were trained on.
+  c.data.text_pipeline = "hf"
   c.data.train_split = "train"
   # Model selection happens on validation identities, never on the test split: the data
   # set's own val split, or (holdout_val_ids > 0) that many identities held out of train.
@@ -84,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   # What an erased box holds in normalised units: "zero" (the mean colour) or "mean" (the
   # normalisation mean's values, light grey, as the reference code passes torchvision's value).
   c.iasc.erase_fill = "zero"
-  c.iasc.mask_at_least_one = False  # True: a caption left unmasked gets its first token masked (the code)
+  c.iasc.mask_first = False  # True: the first content token of every caption is masked too (the code's rule)
   # Where the perturbed pairs' in-batch relations come from: "perturbed" (METHOD.md's literal
   # reading: agreement of the masked captions and erased images) or "clean" (the un-perturbed
   # pairs' relations; partner i is pair i, so it shares pair i's identity). Measured on this

@@ -32,10 +32,11 @@ def get_config():
   c.data.strict = True  # a bad record fails the build; False skips bad records and lists them
   c.data.tokenizer = ""  # required: the CLIP folder (as model.init_from)
   c.data.resize = "bilinear"
+  c.data.text_pipeline = "irra"
   c.loss.temperature = 0.02
   c.loss.relation_eps = 1e-6
   c.relations.compare = ">"
-  c.iasc.update(dict(relations="perturbed", erase_fill="mean", mask_at_least_one=True))
+  c.iasc.update(dict(relations="perturbed", erase_fill="mean", mask_first=True))
   c.gsrc.update(dict(rows="batch+bank", candidates="skip_top1", bank_features="raw"))
   c.train.update(dict(epochs=40, eps=1e-3, schedule_per="epoch"))
   # Pseudo identities (off by default, docs/CLUSTERING.md) with the field's settings (ICPG).

@@ -82,6 +82,25 @@ def start(argv: list[str]) -> None:
   enable_compilation_cache()
 
 
+FIELD_CHECKPOINT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                       "field_checkpoint.py")  # the default --config of --checkpoint
+
+
+def model_of_flags(workdir: str | None, checkpoint: str | None, config=None):
+  """The model a program's `--workdir` (a dgia-jax run) or `--checkpoint` (a field checkpoint, described
+  by `--config`) names: exactly one of them."""
+  from dgia_jax.inference import rebuild  # only the programs that read a model need it
+
+  if (workdir is None) == (checkpoint is None):
+    raise errors.ConfigError("give exactly one of --workdir (a dgia-jax run) and --checkpoint (a field checkpoint, "
+                             "IRRA's or DGCMIA's best.pth)")
+  if checkpoint is None:
+    return workdir
+  if not os.path.isfile(checkpoint):
+    raise errors.MissingPathError(f"--checkpoint {checkpoint}: no such file")
+  return rebuild.FieldCheckpoint(checkpoint, config)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing that reports, in one line, a bad flag value, a bad `--config.*` override and a
   `--config` file that cannot be loaded (missing, a folder, or raising), not a traceback."""

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from dgia_jax import cli
 from dgia_jax.common import parallel
+from dgia_jax.evaluation import published
 from dgia_jax.run import reporting
 from dgia_jax.training import hooks, train
 
@@ -38,10 +39,23 @@ def main(argv):
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except hooks.Preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
+  print(summary(results, _CONFIG.value.data.name))
+
+
+def summary(results: dict, dataset: str) -> str:
+  """The run's text→image figures: last epoch, best on validation, best on test (the field's
+  selection, labelled), beside the field's published figures on `dataset` when it has any."""
   final = results["final"]
-  figures = (f"text→image {reporting.format_metrics(final['t2i'])}" if "t2i" in final
-             else f"diverged, no figures: {final['diverged']}")
-  print(f"final ({final['split']}, epoch {final['epoch']}): {figures}")
+  if "t2i" not in final:
+    return f"final ({final['split']}, epoch {final['epoch']}): diverged, no figures: {final['diverged']}"
+  ours = {f"last epoch ({final['epoch']})": (final["selection"], final["t2i"])}
+  for key in ("best_val", "best_on_test"):
+    if key in results and "t2i" in results[key]["test"]:
+      ours[f"{key} ({results[key]['epoch']})"] = (results[key]["selection"].split(":")[0], results[key]["test"]["t2i"])
+  lines = [f"final ({final['split']}, epoch {final['epoch']}): text→image {reporting.format_metrics(final['t2i'])}"]
+  if published.figures(dataset):
+    lines.append(published.table(dataset, ours))
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

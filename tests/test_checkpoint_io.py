@@ -83,7 +83,7 @@ def test_embeddings_match_transformers(ckpt, layout, tmp_path):
   tok, cfg = ckpt["tok"], _cfg(ckpt["tok"])
   images, tokens = _inputs(tok)
   params = checkpoint_io.load_clip(ckpt["paths"][layout], cfg, appended_tokens=tok.num_appended,
-                                   cache_dir=str(tmp_path))
+                                   cache_dir=str(tmp_path))[0]
   ours, ref = _features(cfg, params, images, tokens), _reference(ckpt["model"], images, tokens)
   err = [float(np.abs(a - b).max()) for a, b in zip(ours, ref)]
   print(f"{layout}: max abs error image {err[0]:.2e}, text {err[1]:.2e}")
@@ -95,8 +95,8 @@ def test_openai_torchscript_float16_file(ckpt, tmp_path):
   """OpenAI ships a float16 TorchScript archive (with scalar extras): read it, as float32."""
   tok, cfg = ckpt["tok"], _cfg(ckpt["tok"])
   kwargs = dict(appended_tokens=tok.num_appended, cache_dir=str(tmp_path))
-  half = checkpoint_io.load_clip(ckpt["paths"]["openai torchscript fp16"], cfg, **kwargs)
-  full = checkpoint_io.load_clip(ckpt["paths"]["safetensors"], cfg, **kwargs)
+  half = checkpoint_io.load_clip(ckpt["paths"]["openai torchscript fp16"], cfg, **kwargs)[0]
+  full = checkpoint_io.load_clip(ckpt["paths"]["safetensors"], cfg, **kwargs)[0]
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(half), jax.tree.leaves(full)):
     assert a.dtype == np.float32
     if "token_embedding" in jax.tree_util.keystr(path):  # the appended row is a mean of rounded rows
@@ -106,7 +106,7 @@ def test_openai_torchscript_float16_file(ckpt, tmp_path):
 
 def test_appended_mask_row_is_the_mean_token_embedding(ckpt, tmp_path):
   tok = ckpt["tok"]
-  params = checkpoint_io.load_clip(ckpt["paths"]["safetensors"], _cfg(tok), appended_tokens=1, cache_dir=str(tmp_path))
+  params = checkpoint_io.load_clip(ckpt["paths"]["safetensors"], _cfg(tok), appended_tokens=1, cache_dir=str(tmp_path))[0]
   emb = params["text"]["token_embedding"]["embedding"]
   pretrained = ckpt["model"].text_model.embeddings.token_embedding.weight.detach().numpy()
   assert tok.mask_id == emb.shape[0] - 1 == pretrained.shape[0]
@@ -130,7 +130,7 @@ def test_non_square_input_matches_reference_with_resized_positions(ckpt, tmp_pat
   square grids, so the reference model gets the field's resize (torch bilinear) in its place."""
   tok, model = ckpt["tok"], ckpt["model"]
   cfg = _cfg(tok, image_size=(48, 16))
-  params = checkpoint_io.load_clip(ckpt["paths"]["safetensors"], cfg, appended_tokens=1, cache_dir=str(tmp_path))
+  params = checkpoint_io.load_clip(ckpt["paths"]["safetensors"], cfg, appended_tokens=1, cache_dir=str(tmp_path))[0]
   emb = model.vision_model.embeddings
   pos = emb.position_embedding.weight.detach()
   grid = pos[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
@@ -149,7 +149,7 @@ def test_non_square_input_matches_reference_with_resized_positions(ckpt, tmp_pat
 @pytest.mark.slow  # compiles both towers twice
 def test_bfloat16_compute_stays_close_to_float32(ckpt, tmp_path):
   tok = ckpt["tok"]
-  params = checkpoint_io.load_clip(ckpt["paths"]["safetensors"], _cfg(tok), appended_tokens=1, cache_dir=str(tmp_path))
+  params = checkpoint_io.load_clip(ckpt["paths"]["safetensors"], _cfg(tok), appended_tokens=1, cache_dir=str(tmp_path))[0]
   images, tokens = _inputs(tok)
   full, half = (clip.CLIP(_cfg(tok, dtype=d)).apply({"params": params}, jnp.asarray(images), jnp.asarray(tokens))
                 for d in ("float32", "bfloat16"))
@@ -165,16 +165,16 @@ def test_cache_is_read_and_a_changed_source_invalidates_it(ckpt, tmp_path):
   src = str(tmp_path / "clip")
   shutil.copytree(ckpt["paths"]["safetensors"], src)
   cache = str(tmp_path / "cache")
-  load = lambda: checkpoint_io.load_clip(src, cfg, appended_tokens=1, cache_dir=cache)  # noqa: E731
+  load = lambda: checkpoint_io.load_clip(src, cfg, appended_tokens=1, cache_dir=cache)[0]  # noqa: E731
   first = load()
   key = checkpoint_io.cache_key(checkpoint_io.find_source(src), cfg, 1)
   assert os.listdir(cache) == [key]
   jax.tree.map(np.testing.assert_array_equal, load(), first)
   # The second load reads the cache: what is stored there is what comes back.
   marked = jax.tree.map(lambda x: x + 1.0, first)
-  shutil.rmtree(os.path.join(cache, key))
+  shutil.rmtree(os.path.join(cache, key, "params"))
   with ocp.StandardCheckpointer() as saver:
-    saver.save(os.path.join(cache, key), marked)
+    saver.save(os.path.join(cache, key, "params"), marked)
   jax.tree.map(np.testing.assert_array_equal, load(), marked)
   # A changed checkpoint has another key and is converted afresh.
   state = {k: v.contiguous() for k, v in ckpt["model"].state_dict().items()}
@@ -184,7 +184,7 @@ def test_cache_is_read_and_a_changed_source_invalidates_it(ckpt, tmp_path):
   assert len(os.listdir(cache)) == 2
   np.testing.assert_allclose(changed["text"]["text_projection"], 2 * first["text"]["text_projection"], rtol=1e-6)
   # So does another model shape (here the input size, which resizes the position grid).
-  checkpoint_io.load_clip(src, _cfg(tok, image_size=(48, 16)), appended_tokens=1, cache_dir=cache)
+  checkpoint_io.load_clip(src, _cfg(tok, image_size=(48, 16)), appended_tokens=1, cache_dir=cache)[0]
   assert len(os.listdir(cache)) == 3
 
 
@@ -206,7 +206,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed(ckpt, tmp_path):
 
   with pytest.raises(ValueError) as e:
     checkpoint_io.load_clip(_write_edited(ckpt, tmp_path, drop_and_add), cfg, appended_tokens=1,
-                            cache_dir=str(tmp_path / "c"))
+                            cache_dir=str(tmp_path / "c"))[0]
   msg = str(e.value)
   assert ("missing tensors (2): text_model.final_layer_norm.weight, vision_model.encoder.layers.1.mlp.fc2.bias"
           in msg), msg
@@ -219,7 +219,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed(ckpt, tmp_path):
   shutil.rmtree(tmp_path / "edited")
   with pytest.raises(ValueError) as e:
     checkpoint_io.load_clip(_write_edited(ckpt, tmp_path, reshape), cfg, appended_tokens=1,
-                            cache_dir=str(tmp_path / "c"))
+                            cache_dir=str(tmp_path / "c"))[0]
   msg = str(e.value)
   assert "mis-shaped: vision_model.embeddings.class_embedding [130] -> visual/class_embedding [130], " \
          "the model needs [128]" in msg, msg
@@ -231,7 +231,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed(ckpt, tmp_path):
 def test_architecture_disagreements_are_refused_with_the_fix(ckpt, layout, tmp_path):
   tok = ckpt["tok"]
   with pytest.raises(ValueError) as e:
-    checkpoint_io.load_clip(ckpt["paths"][layout], _cfg(tok, heads=4), appended_tokens=0, cache_dir=str(tmp_path))
+    checkpoint_io.load_clip(ckpt["paths"][layout], _cfg(tok, heads=4), appended_tokens=0, cache_dir=str(tmp_path))[0]
   msg = str(e.value)
   assert "model.vision.heads: config 4, checkpoint 2 (--config.model.vision.heads=2)" in msg, msg
   assert f"tokenizer: {tok.vocab_size} tokens (+0 appended)" in msg and "--config.data.tokenizer" in msg
@@ -240,14 +240,14 @@ def test_architecture_disagreements_are_refused_with_the_fix(ckpt, layout, tmp_p
 def test_not_a_checkpoint_is_refused(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a Hugging Face CLIP folder"):
     checkpoint_io.find_source(str(tmp_path))
-  with pytest.raises(FileNotFoundError, match="no such CLIP checkpoint or dgia-jax training workdir"):
+  with pytest.raises(FileNotFoundError, match="no such CLIP checkpoint, field checkpoint or dgia-jax training workdir"):
     checkpoint_io.find_source(str(tmp_path / "nothing"))
   (tmp_path / "model.safetensors").write_bytes(b"")
   with pytest.raises(ValueError, match="pass the Hugging Face folder holding it"):
     checkpoint_io.find_source(str(tmp_path / "model.safetensors"))
   (tmp_path / "weights.pt").write_bytes(b"not a checkpoint")
   with pytest.raises(ValueError, match="weights.pt is not a readable PyTorch checkpoint"):
-    checkpoint_io.read_tensors(checkpoint_io.find_source(str(tmp_path / "weights.pt")))
+    checkpoint_io.read_checkpoint(checkpoint_io.find_source(str(tmp_path / "weights.pt")))
 
 
 @pytest.mark.slow  # starts a program
@@ -262,7 +262,7 @@ tok = Tokenizer.from_file({ckpt['paths']['safetensors']!r}, {cc.CONTEXT})
 cfg = clip.CLIPConfig({cc.EMBED}, clip.VisionConfig(({cc.IMAGE}, {cc.IMAGE}), {cc.PATCH}, {cc.WIDTH}, {cc.LAYERS}, {cc.HEADS}),
                       clip.TextConfig(tok.vocab_size, {cc.CONTEXT}, {cc.WIDTH}, {cc.LAYERS}, {cc.HEADS}, tok.eot_id))
 params = checkpoint_io.load_clip({ckpt['paths']['safetensors']!r}, cfg, appended_tokens=tok.num_appended,
-                                 cache_dir={str(tmp_path)!r})
+                                 cache_dir={str(tmp_path)!r})[0]
 assert params["text"]["token_embedding"]["embedding"].shape[0] == {tok.vocab_size}
 assert "torch" not in sys.modules and "transformers" not in sys.modules, sorted(m for m in sys.modules if "torch" in m)
 """
@@ -284,7 +284,7 @@ def test_training_starts_from_the_checkpoint(ckpt, tiny_config, tmp_path):
   train.train_and_evaluate(cfg, str(tmp_path / "run"))
   _, tok, model, params, _ = rebuild.load_trained(str(tmp_path / "run"))
   assert model.cfg.vision.grid == (4, 2) and tok.num_appended == 1
-  expected = checkpoint_io.load_clip(hf_dir, model.cfg, appended_tokens=1, cache_dir=cache)
+  expected = checkpoint_io.load_clip(hf_dir, model.cfg, appended_tokens=1, cache_dir=cache)[0]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, expected)
 
 

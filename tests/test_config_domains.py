@@ -110,3 +110,16 @@ def test_a_run_saved_before_a_key_was_retired_still_resumes():
   assert config_domains.conflicts(saved, config) == []
   saved.data.train_split = "val"
   assert config_domains.conflicts(saved, config) == ["data.train_split: the run has 'val', this config 'train'"]
+
+
+def test_a_run_saved_before_the_field_text_pipeline_resumes_as_it_trained():
+  config = helpers.load_config("default")
+  saved = ml_collections.ConfigDict(config.to_dict())
+  del saved.data["text_pipeline"], saved.iasc["mask_first"]
+  saved.iasc.mask_at_least_one = False  # today's mask_first=False
+  assert config_domains.conflicts(saved, config) == []
+  config.data.text_pipeline = "irra"
+  assert config_domains.conflicts(saved, config) == ["data.text_pipeline: the run has 'hf', this config 'irra'"]
+  config.data.text_pipeline, saved.iasc.mask_at_least_one = "hf", True  # a rule of the past: named
+  assert config_domains.conflicts(saved, config) == ["iasc.mask_at_least_one: the run has True, this config '<absent>'",
+                                                     "iasc.mask_first: the run has '<absent>', this config False"]

@@ -69,12 +69,16 @@ def test_erase_fill_mean_writes_the_normalisation_means_into_the_box():
   np.testing.assert_array_equal(mean[~boxes], zero[~boxes])
 
 
-def test_masking_at_least_one_token_masks_the_first_when_none_was_drawn():
-  tokens = jnp.asarray([[1, 7, 8, 9, 2, 0], [1, 7, 2, 0, 0, 0]], jnp.int32)
-  kwargs = dict(eot_id=2, mask_id=3, prob=0.0)
-  np.testing.assert_array_equal(perturb.mask_tokens(jax.random.key(0), tokens, jnp.arange(2), **kwargs), tokens)
-  out = perturb.mask_tokens(jax.random.key(0), tokens, jnp.arange(2), at_least_one=True, **kwargs)
-  np.testing.assert_array_equal(out, [[1, 3, 8, 9, 2, 0], [1, 3, 2, 0, 0, 0]])
-  drawn = perturb.mask_tokens(jax.random.key(0), tokens, jnp.arange(2), eot_id=2, mask_id=3, prob=1.0,
-                              at_least_one=True)
-  np.testing.assert_array_equal(drawn, [[1, 3, 3, 3, 2, 0], [1, 3, 2, 0, 0, 0]])  # nothing added when drawn
+def test_the_reference_codes_rule_masks_the_first_content_token_of_every_caption():
+  tokens = jnp.asarray([[1, 7, 8, 9, 2, 0], [1, 7, 2, 0, 0, 0], [1, 2, 0, 0, 0, 0]], jnp.int32)  # the last: no content
+  kwargs = dict(eot_id=2, mask_id=3)
+  np.testing.assert_array_equal(perturb.mask_tokens(jax.random.key(0), tokens, jnp.arange(3), prob=0.0, **kwargs),
+                                tokens)
+  out = perturb.mask_tokens(jax.random.key(0), tokens, jnp.arange(3), prob=0.0, first=True, **kwargs)
+  np.testing.assert_array_equal(out, [[1, 3, 8, 9, 2, 0], [1, 3, 2, 0, 0, 0], [1, 2, 0, 0, 0, 0]])
+  # With draws, the first content token is masked whatever was drawn for it; the others as drawn.
+  long = jnp.asarray([[1, *range(10, 40), 2, 0]], jnp.int32)
+  with_first = perturb.mask_tokens(jax.random.key(5), long, jnp.arange(1), prob=0.5, first=True, **kwargs)
+  without = perturb.mask_tokens(jax.random.key(5), long, jnp.arange(1), prob=0.5, **kwargs)
+  assert int(with_first[0, 1]) == 3
+  np.testing.assert_array_equal(with_first[0, 2:], without[0, 2:])

@@ -72,7 +72,7 @@ def _one_error_line(proc: subprocess.CompletedProcess, says: str) -> None:
     (["--config", "configs/default.py", "--config.train.lr=inf"], "train.lr=inf must be a finite number > 0"),
     (["--config", "configs/default.py", "--config.loss.temperature=0"], "loss.temperature=0.0 must be a finite number"),
     (["--config", "configs/synthetic_scratch.py", "--config.model.init_from=/nonexistent/start"],
-     "model.init_from=/nonexistent/start: no such CLIP checkpoint or dgia-jax training workdir"),
+     "model.init_from=/nonexistent/start: no such CLIP checkpoint, field checkpoint or dgia-jax training workdir"),
     (["--config", "configs/default.py", "positional"], "unexpected arguments ['positional']"),
 ])
 def test_main_refuses_before_anything_is_written(tmp_path, args, says):

@@ -1,8 +1,12 @@
+import importlib.util
 import logging
+import os
 
 import numpy as np
 import pytest
 
+from dgia_jax.common import errors
+from dgia_jax.data import field_text
 from dgia_jax.data import tokenizer as tokenizer_lib
 from tests import clip_checkpoints
 
@@ -77,3 +81,63 @@ def test_clip_folder_encodes_as_clip_with_an_appended_mask_token(tmp_path, files
   masked = out[0].copy()
   masked[2] = tok.mask_id
   assert tok.decode(masked) == "the <|mask|> in the red"
+
+
+def _openai_reference():
+  """OpenAI's own CLIP tokenizer (the `clip` package's `simple_tokenizer.py` and BPE file, loaded
+  without the package, which needs torchvision), changed as the field's code changes it: the last
+  merge (`jekyll</w>`) dropped from the vocabulary — and here from the merges too, where the field's
+  code keeps it and raises KeyError on "jekyll" — its id 49405 the mask token, matched in text."""
+  import regex
+
+  spec = importlib.util.find_spec("clip")
+  if spec is None:
+    pytest.skip("OpenAI's clip package is not installed (make test installs it)")
+  root = spec.submodule_search_locations[0]
+  module_spec = importlib.util.spec_from_file_location("openai_simple_tokenizer", os.path.join(root, "simple_tokenizer.py"))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  bpe = os.path.join(root, field_text.OPENAI_BPE_FILE)
+  ref = module.SimpleTokenizer(bpe)
+  last = max(ref.bpe_ranks, key=ref.bpe_ranks.get)
+  del ref.bpe_ranks[last]
+  del ref.encoder["".join(last)]
+  ref.encoder[field_text.MASK] = field_text.MASK_ID
+  ref.cache[field_text.MASK] = field_text.MASK
+  ref.pat = regex.compile(r"<\|startoftext\|>|<\|mask\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"
+                          r"[^\s\p{L}\p{N}]+", regex.IGNORECASE)
+  return ref, bpe
+
+
+TRICKY = ["A woman in a red coat carrying a black backpack.", "He’s wearing “curly quotes” &amp; a café-au-lait scarf",
+          "naïve ÉLAN Ångström", "mojibake: the man doesnâ€™t carry a bag", "&amp;amp; escaped twice", "  lots   of\n\t"
+          "white\u00a0space  ", "The man's bag, it's 100% cotton!!! 3 pockets", "emoji 😀 and 中文 and العربية",
+          "dr jekyll and mr hyde, JEKYLL's jekylls", "a <|mask|> in the text", "x" * 400,
+          " ".join(["a man in a long grey coat with black trousers"] * 12)]
+
+
+def test_the_irra_text_pipeline_gives_openais_ids_as_the_field_changes_them():
+  ref, bpe = _openai_reference()
+  tok = tokenizer_lib.Tokenizer.from_file(bpe, 77, pipeline="irra")
+  assert (tok.vocab_size, tok.num_appended, tok.mask_id, tok.sot_id, tok.eot_id, tok.pad_id) == \
+      (49408, 0, 49405, 49406, 49407, 0)
+  for text in TRICKY:
+    expected = [49406] + ref.encode(text)[:75] + [49407]  # the field's `tokenize`: 77 ids, EOT kept when cut
+    row = tok.encode([text])[0]
+    assert row[:len(expected)].tolist() == expected, text
+    assert (row[len(expected):] == 0).all()
+  jekyll = tok.encode(["jekyll"])[0]
+  assert jekyll[1:3].tolist() == [43893, 865] and 49405 not in jekyll.tolist()  # "jeky" "ll</w>": never the mask
+
+
+def test_the_irra_text_pipeline_reads_a_clip_folder_as_the_bpe_file(tmp_path):
+  """vocab.json + merges.txt, as a Hugging Face CLIP folder ships them, give the same ids."""
+  ref, bpe = _openai_reference()
+  merges = field_text.read_merges(bpe)
+  (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+  folder = tokenizer_lib.Tokenizer.from_file(str(tmp_path), 77, pipeline="irra")
+  gz = tokenizer_lib.Tokenizer.from_file(bpe, 77, pipeline="irra")
+  np.testing.assert_array_equal(folder.encode(TRICKY), gz.encode(TRICKY))
+  (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+  with pytest.raises(errors.BadInputError, match="holds 1 merges, not CLIP's 48,894"):
+    tokenizer_lib.Tokenizer.from_file(str(tmp_path), 77, pipeline="irra")

@@ -91,7 +91,9 @@ def tokenizer_path(data_cfg, builder: tfds.core.DatasetBuilder | None = None) ->
 
 
 def get_tokenizer(data_cfg, builder: tfds.core.DatasetBuilder | None = None) -> Tokenizer:
-  return Tokenizer.from_file(tokenizer_path(data_cfg, builder), data_cfg.context_length)
+  """The tokenizer `config.data` names, with its text pipeline (`data.text_pipeline`)."""
+  return Tokenizer.from_file(tokenizer_path(data_cfg, builder), data_cfg.context_length,
+                             data_cfg.get("text_pipeline", "hf"))
 
 
 def cross_domain(data_cfg, name: str, manual_dir: str, tokenizer: str):
@@ -105,6 +107,7 @@ def cross_domain(data_cfg, name: str, manual_dir: str, tokenizer: str):
     raise errors.ConfigError(f"cross-domain evaluation reads a benchmark ({', '.join(sorted(benchmarks.BUILDERS))}), "
                      f"got '{name}'")
   cfg = data_cfg.copy_and_resolve_references()
+  cfg.unlock()  # a run's saved config comes locked
   if "synthetic" in cfg:
     del cfg["synthetic"]
   cfg.update(dict(name=name, manual_dir=manual_dir, tokenizer=tokenizer, holdout_val_ids=0,

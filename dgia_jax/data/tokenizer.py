@@ -26,6 +26,7 @@ from absl import logging
 from tokenizers import AddedToken, models, normalizers, pre_tokenizers, trainers
 
 from dgia_jax.common import errors
+from dgia_jax.data import field_text
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -45,6 +46,14 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
   return tok
 
 
+def _read_tokenizer_json(path: str) -> tokenizers.Tokenizer:
+  """A Hugging Face `tokenizer.json`; any other file is a BadInputError naming it."""
+  try:
+    return tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # noqa: BLE001 (the tokenizers library raises a bare Exception)
+    raise errors.BadInputError(f"{path} is not a Hugging Face tokenizer file (tokenizer.json): {e}") from e
+
+
 class Tokenizer:
   """Fixed-length CLIP-style encoding.
 
@@ -57,12 +66,12 @@ class Tokenizer:
       one); their ids are the last ones.
   """
 
-  def __init__(self, tok: tokenizers.Tokenizer, context_length: int):
+  def __init__(self, tok: tokenizers.Tokenizer, context_length: int, clean=None):
     if context_length < 3:
       raise errors.ConfigError(f"data.context_length must be at least 3 (SOT, one token, EOT), got {context_length}")
     tok.no_padding()  # the fixed-length layout is ours; a saved tokenizer may carry its own
     tok.no_truncation()
-    self._tok = tok
+    self._tok, self._clean = tok, clean
     self.context_length = context_length
     missing = [t for t in (SOT, EOT) if tok.token_to_id(t) is None]
     if missing:
@@ -78,14 +87,20 @@ class Tokenizer:
     self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
 
   @classmethod
-  def from_file(cls, path: str, context_length: int) -> "Tokenizer":
-    """A `tokenizer.json` file, or a CLIP folder (`tokenizer.json`, or `vocab.json` + `merges.txt`)."""
+  def from_file(cls, path: str, context_length: int, pipeline: str = "hf") -> "Tokenizer":
+    """A `tokenizer.json` file, or a CLIP folder (`tokenizer.json`, or `vocab.json` + `merges.txt`).
+
+    `pipeline` "irra": the field's text pipeline on CLIP's BPE at `path` (`field_text`: ftfy and
+    HTML cleaning, the mask token at id 49405 with its pretrained row, nothing appended), what a
+    released checkpoint of the field was trained on; "hf": the tokenizer's own."""
     if not os.path.exists(path):
       raise errors.MissingPathError(f"tokenizer file not found: {path}")
+    if pipeline == "irra":
+      return cls(field_text.field_tokenizer(path), context_length, clean=field_text.clean)
     if not os.path.isdir(path):
-      return cls(tokenizers.Tokenizer.from_file(path), context_length)
+      return cls(_read_tokenizer_json(path), context_length)
     if os.path.exists(os.path.join(path, "tokenizer.json")):
-      return cls(tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json")), context_length)
+      return cls(_read_tokenizer_json(os.path.join(path, "tokenizer.json")), context_length)
     if all(os.path.exists(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
       import transformers  # late import: only this layout needs it
 
@@ -106,6 +121,8 @@ class Tokenizer:
     for i, text in enumerate(texts):
       if not text or not text.strip():
         raise errors.BadInputError(f"{source}: caption {i} is empty")
+    if self._clean is not None:
+      texts = [self._clean(t) for t in texts]
     out = np.full((len(texts), self.context_length), self.pad_id, np.int32)
     keep = self.context_length - 2
     pieces = np.zeros(len(texts), np.int64)
@@ -122,6 +139,10 @@ class Tokenizer:
                       "were truncated to %d; the longest: caption %d, %d tokens: %r", source, cut, len(texts), keep,
                       self.context_length, keep, longest, pieces[longest], texts[longest])
     return out, pieces
+
+  def save(self, path: str) -> None:
+    """The BPE and its special tokens as a `tokenizer.json` (the cleaning of a text pipeline is not in it)."""
+    self._tok.save(path)
 
   def decode(self, tokens: np.ndarray) -> str:
     """Text of one encoded caption [L]: the tokens between SOT and the first EOT, mask shown as MASK."""

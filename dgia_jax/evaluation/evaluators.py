@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
 import time
 
 import jax
@@ -30,6 +29,7 @@ import numpy as np
 from dgia_jax.common import errors, parallel
 from dgia_jax.data import datasets
 from dgia_jax.data.pipeline import Split
+from dgia_jax.evaluation import published
 from dgia_jax.inference import encoding, rebuild
 from dgia_jax.run import checkpointing, reporting, rundir
 
@@ -167,8 +167,9 @@ class Evaluations:
   def results(self, params, total_steps: int, epochs: int) -> dict:
     """`final` (the report evaluator's last epoch) and `best_val` (the best epoch of the selecting
     evaluator: its figures and the report evaluator's), each saying by `selection` which epoch it
-    reports; never an epoch picked on the report's split, never a diverged one (`diverged` lists
-    the evaluations that had no figures)."""
+    reports, never a diverged one (`diverged` lists the evaluations that had no figures); and, labelled
+    as the reference code's selection and used for no decision, `best_on_test`: the report
+    evaluator's best epoch (the field's published figures are selected so)."""
     keys = ("epoch", "split", "t2i", "i2t", "diverged")
     final = self._report_at(total_steps, epochs, lambda: params)
     evaluations = self.records()
@@ -183,26 +184,38 @@ class Evaluations:
                          "epoch": best["epoch"], "select_metric": f"t2i {self.policy.metric}",
                          "val": {k: best[k] for k in ("t2i", "i2t")},
                          "test": {k: at_best[k] for k in ("t2i", "i2t", "diverged") if k in at_best}}
+    on_test = [r for r in self.records(self.report) if "diverged" not in r]
+    if on_test:  # what the field's code reports: never used to select here
+      metric = self._config.eval.select_metric
+      top = max(on_test, key=lambda r: r["t2i"][metric])
+      out["best_on_test"] = {"selection": f"best {self.report.name} epoch by t2i {metric}, the reference code's "
+                                          "selection: reported to compare with published figures, used for nothing",
+                             "epoch": top["epoch"], "test": {k: top[k] for k in ("t2i", "i2t")}}
     return out
 
   def close(self, quiet: bool = False) -> None:
     self._best.close(quiet)
 
 
-def evaluate_run(workdir: str, split: str = "test", step: int | None = None, best: bool = False,
-                 dataset: str = "", manual_dir: str = "") -> dict:
-  """Retrieval figures of a trained run's checkpoint on `split` of its data set, or of benchmark
-  `dataset` (its original folder `manual_dir`), read with the run's tokenizer, image size and
-  context length: the trainer's evaluators (`retrieval`, `cross_domain`), run once.
+def evaluate_run(model, split: str = "test", step: int | None = None, best: bool = False, dataset: str = "",
+                 manual_dir: str = "") -> dict:
+  """Retrieval figures of a model on `split` of its data set, or of benchmark `dataset` (its original
+  folder `manual_dir`) read with the model's tokenizer, image size and context length: the trainer's
+  evaluators (`retrieval`, `cross_domain`), run once. `model`: a run's workdir (its checkpoint `step`,
+  or its best-on-validation one if `best`), or a `rebuild.FieldCheckpoint` (a benchmark always: its
+  config's data set unless `dataset`).
 
-  Returns {"workdir", "step", "best", "dataset", "split", "images", "captions", "identities",
-  "t2i", "i2t", "seconds"}; t2i and i2t hold R1, R5, R10, mAP and mINP in %, seconds the time
-  to encode the split and rank it (compilation included).
+  Returns {"workdir" or "checkpoint", "step", "best", "dataset", "split", "images", "captions",
+  "identities", "t2i", "i2t", "seconds", "published"}; t2i and i2t hold R1, R5, R10, mAP and mINP in
+  %, seconds the time to encode the split and rank it (compilation included), published the field's
+  figures on that data set (`published.figures`).
   """
-  config, _, model, params, step = rebuild.load_trained(workdir, step, best)
+  config, _, towers, params, step = rebuild.load_model(model, step, best)
+  field = isinstance(model, rebuild.FieldCheckpoint)
   cfg = ml_collections.ConfigDict({"type": "retrieval", "split": split})
-  if dataset and dataset != config.data.name:
-    cfg.update(type="cross_domain", dataset=dataset, manual_dir=manual_dir)
+  if field or (dataset and dataset != config.data.name):
+    cfg.update(type="cross_domain", dataset=dataset or config.data.name,
+               manual_dir=manual_dir or config.data.get("manual_dir", ""))
   elif manual_dir:
     raise errors.ConfigError(f"manual_dir is for another data set (--dataset); the run's own, '{config.data.name}', is "
                              f"read from {config.data.data_dir} as it trained")
@@ -211,7 +224,8 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None, bes
   data = splits[split]
   mesh = parallel.make_mesh()
   start = time.perf_counter()
-  figures = evaluator.figures(encoding.make_encoders(model, mesh), params, data, mesh, config.eval.batch_size)
-  return {"workdir": os.path.abspath(workdir), "step": int(step), "best": best, "dataset": evaluator.data().name,
-          "split": split, "images": data.num_images, "captions": data.num_pairs,
-          "identities": int(np.unique(data.person_ids).size), **figures, "seconds": time.perf_counter() - start}
+  figures = evaluator.figures(encoding.make_encoders(towers, mesh), params, data, mesh, config.eval.batch_size)
+  name = evaluator.data().name
+  return {**rebuild.describe_model(model), "step": int(step), "best": best, "dataset": name, "split": split,
+          "images": data.num_images, "captions": data.num_pairs, "identities": int(np.unique(data.person_ids).size),
+          **figures, "seconds": time.perf_counter() - start, "published": published.figures(name)}

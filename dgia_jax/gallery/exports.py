@@ -213,8 +213,8 @@ def _previous_rows(out_dir: str, meta: dict) -> dict[tuple, tuple[np.ndarray, st
   with the same run, checkpoint and transforms in `out_dir` (empty if there is none or it is damaged)."""
   try:
     old = _manifest_in(out_dir)
-    same = ("source", "workdir", "step", "best", "images_dir", "images_root", "image_size", "resize")
-    if old is None or any(old.get(k) != meta[k] for k in same):
+    same = ("source", "workdir", "checkpoint", "step", "best", "images_dir", "images_root", "image_size", "resize")
+    if old is None or any(old.get(k) != meta.get(k) for k in same):
       return {}
     emb = load(out_dir)
   except errors.UserError:
@@ -227,10 +227,11 @@ def _image_key(entry: dict) -> tuple:
   return entry["path"], entry["resolved"], entry["size"], entry["mtime_ns"]
 
 
-def export_images(workdir: str, images_dir: str, out_dir: str, step: int | None = None, shard_rows: int = 65536,
+def export_images(model, images_dir: str, out_dir: str, step: int | None = None, shard_rows: int = 65536,
                   fmt: str = "npy", best: bool = False, num_threads: int = 8) -> dict:
-  """Embeds every image under `images_dir` (`list_images`) with the run's eval transforms and image
-  tower, as an export with no captions and no person ids; returns the manifest.
+  """Embeds every image under `images_dir` (`list_images`) with the model's eval transforms and image
+  tower (`model`: a run's workdir, its checkpoint `step` or best; or a `rebuild.FieldCheckpoint`), as
+  an export with no captions and no person ids; returns the manifest.
 
   A file that cannot be read or decoded is listed in the manifest's `unreadable` (path and error),
   never dropped silently. Each image's row records its size, modification time and sha256, what the
@@ -240,9 +241,9 @@ def export_images(workdir: str, images_dir: str, out_dir: str, step: int | None 
   export is rewritten whole (`write_export`).
   """
   check_options(fmt, shard_rows)
-  run = rebuild.load_trained(workdir, step, best)
+  run = rebuild.load_model(model, step, best)
   data = run.config.data
-  meta = {"source": "images", "workdir": os.path.abspath(workdir), "step": int(run.step), "best": best,
+  meta = {"source": "images", **rebuild.describe_model(model), "step": int(run.step), "best": best,
           "images_dir": os.path.abspath(images_dir), "images_root": os.path.realpath(images_dir),
           "image_size": list(data.image_size), "resize": data.get("resize", "bicubic"), "config": run.config.to_dict()}
   listed, unreadable = list_images(images_dir)
@@ -291,16 +292,17 @@ def _reason(error: Exception) -> str:
   return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
-def export_split(workdir: str, split_name: str, out_dir: str, step: int | None = None, shard_rows: int = 65536,
+def export_split(model, split_name: str, out_dir: str, step: int | None = None, shard_rows: int = 65536,
                  fmt: str = "npy", best: bool = False) -> dict:
-  """Embeds every image and caption of `split_name` with checkpoint `step` of `workdir` (its
-  best-on-validation one if `best`); returns the manifest."""
+  """Embeds every image and caption of `split_name` of the model's data set with `model`: a run's
+  workdir (its checkpoint `step`, its best-on-validation one if `best`) or a `rebuild.FieldCheckpoint`
+  (its config's data set); returns the manifest."""
   check_options(fmt, shard_rows)
-  config, _, model, params, step = rebuild.load_trained(workdir, step, best)
+  config, _, towers, params, step = rebuild.load_model(model, step, best)
   _, splits = datasets.load(config.data, (split_name,))
   split = splits[split_name]
   mesh = parallel.make_mesh()
-  txt, img = encoding.extract_features(encoding.make_encoders(model, mesh), params, split, mesh,
+  txt, img = encoding.extract_features(encoding.make_encoders(towers, mesh), params, split, mesh,
                                         config.eval.batch_size)
   rows = {"images": [{"row": r, "record": r, "path": p, "person_id": int(pid),
                       "source_record": int(split.source_records[r]),
@@ -308,7 +310,7 @@ def export_split(workdir: str, split_name: str, out_dir: str, step: int | None =
                      for r, (p, pid) in enumerate(zip(split.image_paths, split.person_ids))],
           "texts": [{"row": i, "caption": c, "record": int(r), "person_id": int(split.person_ids[r])}
                     for i, (c, r) in enumerate(zip(split.pair_caption, split.pair_record))]}
-  meta = {"source": "split", "workdir": os.path.abspath(workdir), "step": int(step), "best": best,
+  meta = {"source": "split", **rebuild.describe_model(model), "step": int(step), "best": best,
           "split": split_name, "source_split": split.source_split, "config": config.to_dict()}
   return write_export(out_dir, {"images": img, "texts": txt}, rows, meta, shard_rows, fmt)
 

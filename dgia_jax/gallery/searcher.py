@@ -143,11 +143,12 @@ def read_queries(path: str) -> list[str]:
 
 
 def search_texts(emb: exports.Embeddings, texts: list[str], k: int, index: str = "exact", workdir: str | None = None,
-                 faiss_factory: str = "Flat", nprobe: int = 8) -> tuple[np.ndarray, np.ndarray]:
+                 faiss_factory: str = "Flat", nprobe: int = 8,
+                 checkpoint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Scores float32 [Q, k] and image rows int64 [Q, k] of each text's top-k images: the texts
-  embedded with the run (`workdir`, default the export's) and checkpoint the export names."""
+  embedded with the model and checkpoint the export names (at `workdir` or `checkpoint` if moved)."""
   searcher = Searcher(emb.images, index, faiss_factory, nprobe)
-  run = rebuild.load_trained(workdir or emb.manifest["workdir"], emb.manifest["step"],
-                               emb.manifest.get("best", False))
+  m = emb.manifest
+  run = rebuild.load_model(rebuild.model_of_manifest(m, workdir, checkpoint), m["step"], m.get("best", False))
   queries, _ = encoding.TextEncoder(run).embed(texts)
   return searcher.search(queries, k)

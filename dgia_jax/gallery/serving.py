@@ -103,13 +103,13 @@ class SearchService:
 
   Args:
     emb_dir: the export (`tools.export`).
-    workdir: the training run (default: the one the export names).
+    workdir, checkpoint: the training run or field checkpoint, if it moved (default: the one the export names).
     index, faiss_factory, nprobe: the `searcher.Searcher`.
     query_batch: queries embedded and searched per call (padded), so shapes never change.
   """
 
   def __init__(self, emb_dir: str, workdir: str | None = None, index: str = "exact", faiss_factory: str = "Flat",
-               nprobe: int = 8, query_batch: int = 16, verify: bool = True):
+               nprobe: int = 8, query_batch: int = 16, verify: bool = True, checkpoint: str | None = None):
     if query_batch < 1:
       raise errors.ConfigError(f"--query_batch must be at least 1, got {query_batch}")
     self.emb = exports.load(emb_dir, verify=verify)
@@ -119,7 +119,7 @@ class SearchService:
       raise errors.BadInputError(f"{emb_dir} holds no images to search")
     self.searcher = searcher.Searcher(self.emb.images, index, faiss_factory, nprobe, query_block=query_batch)
     self.images = exports.ExportedImages(self.emb)
-    self.run = rebuild.load_trained(workdir or m["workdir"], m["step"], m.get("best", False))
+    self.run = rebuild.load_model(rebuild.model_of_manifest(m, workdir, checkpoint), m["step"], m.get("best", False))
     self.encoder = encoding.TextEncoder(self.run, query_batch, warn=False)
     self.search(["warm up"], [1])  # compile the search too
 

@@ -1,5 +1,6 @@
-"""A trained run rebuilt from its directory: its config, tokenizer, model and one checkpoint's parameters.
-Never imports the trainer.
+"""A trained model rebuilt: a dgia-jax run from its directory (its config, tokenizer, model and one
+checkpoint's parameters), or a field checkpoint with the config that describes it. Never imports the
+trainer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ml_collections
 from dgia_jax.common import errors
 from dgia_jax.data import datasets
 from dgia_jax.data.tokenizer import Tokenizer
-from dgia_jax.models import clip
+from dgia_jax.models import checkpoint_io, clip
 from dgia_jax.run import checkpointing, rundir
 
 
@@ -62,3 +63,47 @@ def load_trained(workdir: str, step: int | None = None, best: bool = False) -> T
 def run_tokenizer_path(workdir: str) -> str:
   """The tokenizer file or folder the training run in `workdir` encoded its captions with."""
   return datasets.tokenizer_path(rundir.RunDir(workdir).read_config().data)
+
+
+class FieldCheckpoint(NamedTuple):
+  """A field checkpoint (the `best.pth` of IRRA's and DGCMIA's code) and the config that describes
+  its model, input and text pipeline (e.g. configs/field_checkpoint.py): a model without a dgia-jax run."""
+
+  path: str
+  config: ml_collections.ConfigDict
+
+
+def load_field_checkpoint(checkpoint: FieldCheckpoint) -> TrainedRun:
+  """The model of a field checkpoint, its shape checked against the config's (every disagreement named
+  with its flag), its step the checkpoint's epoch (0 if it has none)."""
+  config = checkpoint.config
+  tokenizer = datasets.get_tokenizer(config.data)
+  model = build_model(config, tokenizer)
+  params, info = checkpoint_io.load_clip(checkpoint.path, model.cfg, appended_tokens=tokenizer.num_appended,
+                                         cache_dir=config.model.get("init_cache_dir") or None)
+  if info is None:
+    raise errors.ConfigError(f"--checkpoint {checkpoint.path} is a CLIP checkpoint, not a trained field checkpoint; "
+                             "start a run from it with --config.model.init_from")
+  return TrainedRun(config, tokenizer, model, jax.tree.map(jnp.asarray, params), info.epoch or 0)
+
+
+def load_model(model, step: int | None = None, best: bool = False) -> TrainedRun:
+  """A trained model: `model` a dgia-jax run's workdir (its checkpoint `step`, or its best) or a
+  `FieldCheckpoint`."""
+  if isinstance(model, FieldCheckpoint):
+    return load_field_checkpoint(model)
+  return load_trained(model, step, best)
+
+
+def describe_model(model) -> dict:
+  """What an export's manifest says of the model that made it: {"workdir"} or {"checkpoint"} (absolute)."""
+  if isinstance(model, FieldCheckpoint):
+    return {"workdir": "", "checkpoint": os.path.abspath(model.path)}
+  return {"workdir": os.path.abspath(model)}
+
+
+def model_of_manifest(manifest: dict, workdir: str | None = None, checkpoint: str | None = None):
+  """The model an export's manifest names (`describe_model`), at the path given if it has moved."""
+  if manifest.get("checkpoint") or checkpoint:
+    return FieldCheckpoint(checkpoint or manifest["checkpoint"], ml_collections.ConfigDict(manifest["config"]))
+  return workdir or manifest["workdir"]

@@ -59,7 +59,7 @@ class Options:
                weight=r.weight, image_threshold=r.image_threshold, text_threshold=r.text_threshold,
                strict=r.compare == ">", oracle=r.oracle, clusters_replace=r.clusters.mode == "replace",
                partners_own_relations=ic.relations == "perturbed", mask_prob=ic.mask_prob,
-               mask_first=ic.mask_at_least_one, pad=ic.pad, erase_prob=ic.erase_prob, erase_fill=ic.erase_fill,
+               mask_first=ic.mask_first, pad=ic.pad, erase_prob=ic.erase_prob, erase_fill=ic.erase_fill,
                gsrc_k=gc.k, gsrc_threshold=gc.threshold, gsrc_alpha=gc.alpha, skip_top1=gc.candidates == "skip_top1",
                bank_rows=gc.rows == "batch+bank", raw_banks=gc.bank_features == "raw")
 
@@ -227,7 +227,7 @@ class Objective:
       images = perturb.perturb_images(key_img, batch["image"], batch["index"], pad=o.pad, erase_prob=o.erase_prob,
                                       erase_fill=o.erase_fill)
       tokens = perturb.mask_tokens(key_txt, batch["tokens"], batch["index"], eot_id=self.model.cfg.text.eot_token_id,
-                                   mask_id=self.mask_id, prob=o.mask_prob, at_least_one=o.mask_first)
+                                   mask_id=self.mask_id, prob=o.mask_prob, first=o.mask_first)
       emb["p_img"] = apply(images, method=clip.CLIP.encode_image)
       emb["p_txt"] = apply(tokens, method=clip.CLIP.encode_text)
     return emb

@@ -71,19 +71,20 @@ def perturb_images(key: jax.Array, images: jax.Array, index: jax.Array, *, pad: 
 
 
 def mask_tokens(key: jax.Array, tokens: jax.Array, index: jax.Array, *, eot_id: int, mask_id: int,
-                prob: float, at_least_one: bool = False) -> jax.Array:
+                prob: float, first: bool = False) -> jax.Array:
   """Masked partners of captions int32 [B, L]: each content token -> `mask_id` with probability `prob`.
 
   Content tokens lie strictly between the start token (position 0) and the first end-of-text
-  token; start, end and padding are never touched. With `at_least_one` (the reference code), a
-  caption none of whose tokens was drawn has its first content token masked. `index` [B]
-  seeds each pair from `key`.
+  token; start, end and padding are never touched. With `first` (the reference code's rule), the
+  first content token is masked as well, always: the code's "if none was masked, mask the first"
+  tests a list that never receives a token, so it fires for every caption. `index` [B] seeds each
+  pair from `key`.
   """
   positions = jnp.arange(tokens.shape[1])
   eot_pos = jnp.argmax(tokens == eot_id, axis=1)
   content = (positions[None, :] > 0) & (positions[None, :] < eot_pos[:, None])
   draws = jax.vmap(lambda k: jax.random.bernoulli(k, prob, (tokens.shape[1],)))(_pair_keys(key, index))
   masked = content & draws
-  if at_least_one:
-    masked |= ~masked.any(axis=1, keepdims=True) & content & (positions[None, :] == 1)
+  if first:
+    masked |= content & (positions[None, :] == 1)
   return jnp.where(masked, mask_id, tokens)

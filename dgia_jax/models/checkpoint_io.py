@@ -5,7 +5,14 @@ Sources (nothing is downloaded):
     `model.safetensors` (read with `safetensors.numpy`; torch is not imported) or
     `pytorch_model.bin` (needs torch);
   - an OpenAI CLIP file (`ViT-B-16.pt`): a TorchScript archive as OpenAI ships it, or a
-    plain state dict (needs torch).
+    plain state dict (needs torch);
+  - a field checkpoint: the `best.pth` the IRRA family's code writes (IRRA, DGCMIA; needs torch), a
+    torch pickle whose `model` entry is a state dict with the CLIP towers under `base_model.` in
+    OpenAI's layout, float16 as `convert_weights` leaves them. Its position grid is the *trained*
+    one (24×8 at 384×128) and is taken as it is, never resized; its vocabulary is the field's (49,408
+    ids, the mask token at 49405 with its trained row: `data.text_pipeline="irra"`). Tensors of
+    training-only heads (DGCMIA's memory banks, IRRA's MLM and cross-modal layers, a classifier) are
+    listed and skipped (`FieldHeads`).
 
 A config points at one with
 
@@ -56,7 +63,7 @@ from flax import traverse_util
 from dgia_jax.common import config_files, errors
 from dgia_jax.models import clip
 
-_CACHE_FORMAT = 1  # bump when the conversion changes
+_CACHE_FORMAT = 2  # bump when the conversion or the cache entry changes
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _OPENAI_HEAD_WIDTH = 64  # OpenAI CLIP's text and ViT towers use width // 64 heads
 _OPENAI_IGNORED = {"logit_scale", "input_resolution", "context_length", "vocab_size"}
@@ -64,21 +71,42 @@ _OPENAI_IGNORED = {"logit_scale", "input_resolution", "context_length", "vocab_s
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A located checkpoint: `layout` is "hf" or "openai"; `config` is HF's config.json."""
+  """A located checkpoint: `layout` is "hf", "openai" or "field"; `config` is HF's config.json."""
 
   layout: str
   weights: str
   config: str | None = None
 
 
+FIELD_PREFIX = "base_model."  # the CLIP towers inside a field checkpoint's model
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldInfo:
+  """What a field checkpoint holds besides the towers: the training-only tensors skipped, the
+  stored logit scale (None: not stored; the field's code fixes it at 1/temperature), the epoch."""
+
+  skipped: tuple[str, ...]
+  logit_scale: float | None
+  epoch: int | None
+
+  def describe(self) -> str:
+    scale = (f"stored logit scale {self.logit_scale:.4g} (temperature {1 / self.logit_scale:.4g})"
+             if self.logit_scale else "no logit scale stored (the field's code fixes 1/temperature)")
+    heads = sorted({name.split(".")[0] for name in self.skipped})
+    return (f"epoch {self.epoch if self.epoch is not None else '?'}; {scale}; skipped {len(self.skipped)} tensors of "
+            f"training-only heads ({', '.join(heads) or 'none'})")
+
+
 def find_source(path: str) -> Source:
-  """The checkpoint at `path`: a Hugging Face CLIP folder or an OpenAI `.pt` file."""
+  """The checkpoint at `path`: a Hugging Face CLIP folder, or a PyTorch file (an OpenAI `.pt` or a
+  field checkpoint: `read_checkpoint` tells them apart)."""
   if not os.path.exists(path):
-    raise errors.MissingPathError(f"model.init_from={path}: no such CLIP checkpoint or dgia-jax training workdir")
+    raise errors.MissingPathError(f"{path}: no such CLIP checkpoint, field checkpoint or dgia-jax training workdir")
   if not os.path.isdir(path):
     if os.path.basename(path) in HF_WEIGHT_FILES:
       raise errors.ConfigError(f"{path}: pass the Hugging Face folder holding it (with its config.json), not the file")
-    return Source("openai", path)
+    return Source("torch", path)
   config = os.path.join(path, "config.json")
   weights = [os.path.join(path, f) for f in HF_WEIGHT_FILES if os.path.exists(os.path.join(path, f))]
   if not os.path.exists(config) or not weights:
@@ -89,19 +117,39 @@ def find_source(path: str) -> Source:
   return Source("hf", weights[0], config)
 
 
-def read_tensors(source: Source) -> dict[str, np.ndarray]:
-  """Every tensor of the checkpoint, floating ones as float32 (OpenAI ships float16)."""
-  if source.weights.endswith(".safetensors"):
-    from safetensors.numpy import load_file
+def read_checkpoint(source: Source) -> tuple[str, dict[str, np.ndarray], FieldInfo | None]:
+  """(layout: "hf", "openai" or "field"; every tower tensor, floating ones as float32 — OpenAI and the
+  field ship float16, and float16 to float32 is exact; a field checkpoint's `FieldInfo`)."""
+  if source.layout == "hf":
+    if source.weights.endswith(".safetensors"):
+      from safetensors.numpy import load_file
 
-    tensors = load_file(source.weights)
-  else:
-    tensors = _read_torch(source.weights)
+      return "hf", _float32(load_file(source.weights)), None
+    return "hf", _state_tensors(_load_torch(source.weights), source.weights), None
+  obj = _load_torch(source.weights)
+  state = obj.get("model") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+  if not isinstance(state, dict) or not any(str(k).startswith(FIELD_PREFIX) for k in state):
+    return "openai", _state_tensors(obj, source.weights), None
+  tensors, skipped, scale = {}, [], None
+  for name, value in _state_tensors(state, source.weights).items():
+    if name in ("logit_scale", FIELD_PREFIX + "logit_scale"):  # the field's code keeps its scale unsaved
+      scale = float(np.exp(value.reshape(-1)[0])) if name.startswith(FIELD_PREFIX) else float(value.reshape(-1)[0])
+    elif name.startswith(FIELD_PREFIX):
+      tensors[name[len(FIELD_PREFIX):]] = value
+    else:
+      skipped.append(name)
+  epoch = obj.get("epoch") if isinstance(obj, dict) and isinstance(obj.get("epoch"), int) else None
+  return "field", tensors, FieldInfo(tuple(skipped), scale, epoch)
+
+
+def _float32(tensors: dict) -> dict[str, np.ndarray]:
   return {k: v.astype(np.float32, copy=False) if np.issubdtype(v.dtype, np.floating) else v
           for k, v in tensors.items()}
 
 
-def _read_torch(path: str) -> dict[str, np.ndarray]:
+def _load_torch(path: str):
+  """A PyTorch file's object: a TorchScript archive's state dict, or what `torch.load` reads (tensors
+  and plain values only). BadInputError names a file that is neither."""
   try:
     import torch
   except ImportError as e:
@@ -110,12 +158,17 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     if _is_torchscript(path):  # OpenAI's release files
       with warnings.catch_warnings():  # TorchScript is deprecated, but these files are TorchScript
         warnings.simplefilter("ignore", DeprecationWarning)
-        obj = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
-      obj = torch.load(path, map_location="cpu", weights_only=True)
-  except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        return torch.jit.load(path, map_location="cpu").state_dict()
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, zipfile.BadZipFile) as e:
     raise errors.BadInputError(f"{path} is not a readable PyTorch checkpoint: {str(e).splitlines()[0]}") from e
-  if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+
+
+def _state_tensors(obj, path: str) -> dict[str, np.ndarray]:
+  """A state dict's tensors as numpy (floating ones float32); BadInputError if it is not one."""
+  import torch
+
+  if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
     raise errors.BadInputError(f"{path} is not a CLIP state dict (a mapping of names to tensors)")
   return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()}
 
@@ -142,21 +195,23 @@ def _require(tensors: dict, keys: tuple[str, ...], what: str) -> None:
     raise errors.BadInputError(f"not {what}: it lacks {', '.join(missing)}")
 
 
-def describe(source: Source, tensors: dict[str, np.ndarray]) -> dict:
-  """The checkpoint's architecture, as config keys (`model.vision.width`, ...) and `vocab_size`/`eot_id`.
+def describe(source: Source, layout: str, tensors: dict[str, np.ndarray]) -> dict:
+  """The checkpoint's architecture, as config keys (`model.vision.width`, ...) and `vocab_size`/`eot_id`
+  (and, for a field checkpoint, its trained position grid's `grid_positions`).
 
   Shapes come from the tensors; heads, activation and LayerNorm epsilon from `config.json`
-  (OpenAI files: 64-wide heads, QuickGELU). `eot_id` is the token the text feature is read
-  at: HF's `eos_token_id`, or the last vocabulary id where HF/OpenAI take the argmax of the
-  ids (`eos_token_id` 2 or absent; OpenAI).
+  (OpenAI files and the field's: 64-wide heads, QuickGELU). `eot_id` is the token the text feature
+  is read at: HF's `eos_token_id`, or the last vocabulary id where HF/OpenAI take the argmax of the
+  ids (`eos_token_id` 2 or absent; OpenAI, the field).
   """
-  if source.layout == "openai":
+  if layout in ("openai", "field"):
     _require(tensors, ("visual.conv1.weight", "visual.proj", "visual.positional_embedding", "text_projection",
                        "token_embedding.weight", "positional_embedding", "ln_final.weight"),
              f"an OpenAI CLIP ViT state dict ({source.weights})")
     conv, vocab = tensors["visual.conv1.weight"], tensors["token_embedding.weight"].shape[0]
     vision_width, text_width = conv.shape[0], tensors["ln_final.weight"].shape[0]
-    return {
+    grid = {"grid_positions": tensors["visual.positional_embedding"].shape[0] - 1} if layout == "field" else {}
+    return {**grid,
         "model.embed_dim": tensors["text_projection"].shape[1],
         "model.vision.patch_size": conv.shape[-1],
         "model.vision.width": vision_width,
@@ -226,6 +281,17 @@ def check_arch(ckpt: dict, cfg: clip.CLIPConfig, appended_tokens: int, where: st
   ours["vocab_size"] -= appended_tokens
   problems = [f"{k}: config {ours[k]!r}, checkpoint {ckpt[k]!r} (--config.{k}={ckpt[k]})"
               for k in ours if k not in ("vocab_size", "eot_id") and ours[k] != ckpt[k]]
+  if "grid_positions" in ckpt and ckpt["grid_positions"] != cfg.vision.grid[0] * cfg.vision.grid[1]:
+    p = cfg.vision.patch_size
+    sizes = [f"{gh * p},{ckpt['grid_positions'] // gh * p}" for gh in range(ckpt["grid_positions"], 0, -1)
+             if ckpt["grid_positions"] % gh == 0 and gh >= ckpt["grid_positions"] // gh][-3:]
+    problems.append(f"data.image_size: the checkpoint's trained position grid has {ckpt['grid_positions']} positions "
+                    f"(taken as trained, never resized); the config's {cfg.vision.image_size[0]}x"
+                    f"{cfg.vision.image_size[1]} at patch {p} has {cfg.vision.grid[0] * cfg.vision.grid[1]} "
+                    f"(e.g. --config.data.image_size={' or '.join(reversed(sizes))})")
+  if "grid_positions" in ckpt and appended_tokens:
+    problems.append(f"data.text_pipeline: the field's vocabulary has its mask token (id 49405, a trained row); the "
+                    f"tokenizer appended {appended_tokens} (--config.data.text_pipeline=irra)")
   if ours["vocab_size"] != ckpt["vocab_size"] or ours["eot_id"] != ckpt["eot_id"]:
     problems.append(
         f"tokenizer: {ours['vocab_size']} tokens (+{appended_tokens} appended), end-of-text id {ours['eot_id']}; "
@@ -382,9 +448,11 @@ def param_shapes(cfg: clip.CLIPConfig) -> dict:
 def convert(tensors: dict[str, np.ndarray], layout: str, cfg: clip.CLIPConfig, appended_tokens: int = 0,
             where: str = "checkpoint") -> dict:
   """Checkpoint tensors -> Flax params (nested dict of float32 host arrays) for `clip.CLIP(cfg)`.
+  A field checkpoint's towers are in OpenAI's layout, their trained position grid as the model's.
 
   Raises listing every missing, unexpected and mis-shaped tensor.
   """
+  layout = "openai" if layout == "field" else layout
   rules = _rules(_LAYOUTS[layout], cfg, appended_tokens)
   target = param_shapes(cfg)
   if set(rules) != set(target):  # the mapping itself must cover the model exactly
@@ -414,6 +482,61 @@ def convert(tensors: dict[str, np.ndarray], layout: str, cfg: clip.CLIPConfig, a
 
 
 # ---------------------------------------------------------------------------------------
+# Writing: our parameters as another layout's tensors (the inverse of `convert`)
+# ---------------------------------------------------------------------------------------
+
+def _unfuse(fused: np.ndarray) -> tuple[np.ndarray, ...]:
+  """Our fused q,k,v kernel [W, 3W] or bias [3W] -> torch's three [W, W] weights or [W] biases."""
+  parts = np.split(fused, 3, axis=-1)
+  return tuple(p.T if p.ndim == 2 else p for p in parts)
+
+
+_INVERSES = {_same: lambda x: (x,), _transpose: lambda x: (x.T,),
+             _conv_kernel: lambda x: (x.transpose(3, 2, 0, 1),),
+             _fuse_qkv_kernel: _unfuse, _fuse_qkv_bias: _unfuse}
+
+
+def export_tensors(params: dict, layout: str, cfg: clip.CLIPConfig, mask_row: int | None = None) -> dict[str, np.ndarray]:
+  """Our parameters as `layout`'s ("openai": the field's towers; "hf") float32 tensors, every one that
+  `convert` reads back into the same parameters. The image position grid is written as trained.
+
+  `mask_row`: where a mask token's embedding row appended past the checkpoint vocabulary (49,409 rows
+  for CLIP's 49,408) goes: into row `mask_row` (the field's mask id, 49405, replacing the row of the
+  merge its vocabulary drops), or dropped (None; Hugging Face's CLIP has no mask token).
+  """
+  flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+  rules = _rules(_LAYOUTS[layout], cfg, appended_tokens=0)
+  out = {}
+  for path, (keys, fn) in rules.items():
+    value = flat[path]
+    if path == "text/token_embedding/embedding":
+      value = _fold_appended_rows(value, cfg, mask_row)
+      parts = (value,)
+    elif path == "visual/positional_embedding":
+      parts = (value,)  # as trained: the grid of the model's input
+    else:
+      parts = _INVERSES[fn](value)
+    out.update(dict(zip(keys, parts)))
+  return out
+
+
+_CLIP_VOCAB = 49_408
+
+
+def _fold_appended_rows(embedding: np.ndarray, cfg: clip.CLIPConfig, mask_row: int | None) -> np.ndarray:
+  """The token embedding [V, W] cut to CLIP's 49,408 rows when a mask row was appended to them."""
+  if embedding.shape[0] <= _CLIP_VOCAB:
+    return embedding
+  if embedding.shape[0] != _CLIP_VOCAB + 1:
+    raise errors.BadInputError(f"the token embedding has {embedding.shape[0]} rows: neither CLIP's {_CLIP_VOCAB:,} nor "
+                               "those and an appended mask token")
+  folded = embedding[:_CLIP_VOCAB].copy()
+  if mask_row is not None:
+    folded[mask_row] = embedding[-1]
+  return folded
+
+
+# ---------------------------------------------------------------------------------------
 # Loading, with a converted-params cache
 # ---------------------------------------------------------------------------------------
 
@@ -431,11 +554,13 @@ def cache_key(source: Source, cfg: clip.CLIPConfig, appended_tokens: int) -> str
   return h.hexdigest()[:32]
 
 
-def load_clip(path: str, cfg: clip.CLIPConfig, *, appended_tokens: int = 0, cache_dir: str | None = None) -> dict:
-  """Flax params for `clip.CLIP(cfg)` from the CLIP checkpoint at `path` (float32 host arrays).
+def load_clip(path: str, cfg: clip.CLIPConfig, *, appended_tokens: int = 0,
+              cache_dir: str | None = None) -> tuple[dict, FieldInfo | None]:
+  """(Flax params for `clip.CLIP(cfg)` from the checkpoint at `path` (float32 host arrays); for a
+  field checkpoint, what else it holds).
 
   Args:
-    path: a Hugging Face CLIP folder or an OpenAI `.pt` file.
+    path: a Hugging Face CLIP folder, an OpenAI `.pt` file or a field checkpoint (`best.pth`).
     cfg: the model; its architecture must match the checkpoint's (`check_arch`).
     appended_tokens: tokens the tokenizer appended to the checkpoint's vocabulary
       (`Tokenizer.num_appended`); `cfg.text.vocab_size` counts them.
@@ -445,25 +570,33 @@ def load_clip(path: str, cfg: clip.CLIPConfig, *, appended_tokens: int = 0, cach
   cached = None
   if jax.process_count() == 1:
     cached = os.path.join(os.path.abspath(cache_dir or default_cache_dir()), cache_key(source, cfg, appended_tokens))
-    if os.path.isdir(cached):
+    if os.path.isfile(os.path.join(cached, _INFO_FILE)):
       return _restore(cached, cfg)
-  tensors = read_tensors(source)
-  check_arch(describe(source, tensors), cfg, appended_tokens, path)
-  params = convert(tensors, source.layout, cfg, appended_tokens, where=path)
+  layout, tensors, info = read_checkpoint(source)
+  check_arch(describe(source, layout, tensors), cfg, appended_tokens, path)
+  params = convert(tensors, layout, cfg, appended_tokens, where=path)
   if cached:
     os.makedirs(os.path.dirname(cached), exist_ok=True)
     try:
       with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(cached, params)
-    except ValueError:
-      if not os.path.isdir(cached):  # else another process wrote the same conversion first
+        ckpt.save(os.path.join(cached, "params"), params)
+      with open(os.path.join(cached, _INFO_FILE), "w") as f:  # last: a cache entry without it is not one
+        json.dump(dataclasses.asdict(info) if info else None, f)
+    except (ValueError, OSError):
+      if not os.path.isfile(os.path.join(cached, _INFO_FILE)):  # else another process wrote the same conversion
         raise
-  return params
+  return params, info
 
 
-def _restore(directory: str, cfg: clip.CLIPConfig) -> dict:
+_INFO_FILE = "field_info.json"  # in a cache entry: the checkpoint's FieldInfo (null for CLIP's)
+
+
+def _restore(directory: str, cfg: clip.CLIPConfig) -> tuple[dict, FieldInfo | None]:
   target = traverse_util.unflatten_dict(
       {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, (s, _) in param_shapes(cfg).items()}, sep="/")
   with ocp.StandardCheckpointer() as ckpt:
-    restored = ckpt.restore(directory, target)
-  return jax.tree.map(lambda x: np.asarray(x, np.float32), restored)
+    restored = ckpt.restore(os.path.join(directory, "params"), target)
+  with open(os.path.join(directory, _INFO_FILE)) as f:
+    info = json.load(f)
+  field = FieldInfo(tuple(info["skipped"]), info["logit_scale"], info["epoch"]) if info else None
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), restored), field

@@ -26,6 +26,8 @@ _INDEX = flags.DEFINE_enum("index", "exact", ("exact", "faiss"), "Exact jitted s
 _FAISS_FACTORY = flags.DEFINE_string("faiss_factory", "Flat", "FAISS index factory string (Flat: exact).")
 _NPROBE = flags.DEFINE_integer("nprobe", 8, "Inverted lists searched by an IVF FAISS index.", lower_bound=1)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (default: the one the export names).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The field checkpoint an export of one was made with, if it "
+                                  "moved (default: the one the export names).")
 _VERIFY = flags.DEFINE_bool("verify", True, "Check every shard's sha256 against the manifest first.")
 flags.mark_flags_as_required(["emb"])
 
@@ -49,7 +51,7 @@ def main(argv):
   texts = [_QUERY.value] if _QUERY.value is not None else searcher.read_queries(_QUERIES_FILE.value)
   emb = exports.load(_EMB.value, verify=_VERIFY.value)
   scores, rows = searcher.search_texts(emb, texts, _K.value, _INDEX.value, _WORKDIR.value, _FAISS_FACTORY.value,
-                                      _NPROBE.value)
+                                      _NPROBE.value, _CHECKPOINT.value)
   print(format_results(emb, texts, scores, rows))
 
 

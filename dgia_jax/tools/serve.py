@@ -23,6 +23,8 @@ from dgia_jax.gallery import serving
 
 _EMB = flags.DEFINE_string("emb", None, "Export directory (python -m dgia_jax.tools.export).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (default: the one the export names).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The field checkpoint an export of one was made with, if it "
+                                  "moved (default: the one the export names).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface; needs a token).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free one).", lower_bound=0, upper_bound=65535)
 _ALLOWED_HOSTS = flags.DEFINE_list("allowed_hosts", [], "Host names clients reach the service by (the Host header); "
@@ -64,7 +66,7 @@ def main(argv):
                                "with --allowed_hosts (the Host header they send)")
   sock = listening_socket(_HOST.value, _PORT.value)
   service = serving.SearchService(_EMB.value, _WORKDIR.value, _INDEX.value, _FAISS_FACTORY.value, _NPROBE.value,
-                                  _QUERY_BATCH.value, _VERIFY.value)
+                                  _QUERY_BATCH.value, _VERIFY.value, _CHECKPOINT.value)
   hosts = serving.LOOPBACK_HOSTS + tuple(_ALLOWED_HOSTS.value)
   app = serving.create_app(service, hosts, token, _DOCS.value)
   host, port = sock.getsockname()[:2]

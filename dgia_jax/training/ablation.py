@@ -52,7 +52,7 @@ CODE_SWITCHES: dict[str, dict[str, object]] = {
     "raw_bank": {"gsrc.bank_features": "raw"},
     "perturbed_relations": {"iasc.relations": "perturbed"},
     "mean_erase": {"iasc.erase_fill": "mean"},
-    "one_mask": {"iasc.mask_at_least_one": True},
+    "first_masked": {"iasc.mask_first": True},
     "bilinear": {"data.resize": "bilinear"},
     "epoch_schedule": {"train.schedule_per": "epoch"},
 }

@@ -31,7 +31,8 @@ from dgia_jax.training import step as step_lib
 class Training:
   """What `training` builds. `step` is jitted: (state, batch, pair_pids) -> (state, metrics, counts);
   `encoders` are the model's jitted image and text encoders (evaluation, clustering); `rows` is the
-  number of memory-bank rows (the training pairs, padded to the mesh)."""
+  number of memory-bank rows (the training pairs, padded to the mesh); `field_start` what a field
+  checkpoint the run starts from held besides its towers (`checkpoint_io.FieldInfo`)."""
 
   model: clip.CLIP
   tx: optax.GradientTransformation
@@ -41,6 +42,7 @@ class Training:
   step: object
   encoders: tuple
   rows: int
+  field_start: dict | None = None  # a field checkpoint's FieldInfo (as a dict) when the start is one
 
   @property
   def num_params(self) -> int:
@@ -88,11 +90,11 @@ def training(config: ml_collections.ConfigDict, tokenizer, steps_per_epoch: int,
   micro_batch = config.train.micro_batch
   step_lib.check_micro_batch(config.train.batch_size, micro_batch, mesh.devices.size)
   rows = identity_graph.padded_size(num_pairs, mesh)
-  params = initial_params(config, model, tokenizer) if pretrained else None
+  params, start = initial_params(config, model, tokenizer) if pretrained else (None, None)
   state = step_lib.init_state(model, tx, config.seed, rows if objective.banks else 0, mesh, params,
                               pseudo_rows=rows if config.relations.clusters.enabled else 0, abstract=abstract)
   train_step = step_lib.make_train_step(objective, tx, schedule, step_lib.shardings(state, mesh), micro_batch)
-  return Training(model, tx, schedule, objective, state, train_step, encoding.make_encoders(model, mesh), rows)
+  return Training(model, tx, schedule, objective, state, train_step, encoding.make_encoders(model, mesh), rows, start)
 
 
 def with_init_tokenizer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -109,15 +111,17 @@ def with_init_tokenizer(config: ml_collections.ConfigDict) -> ml_collections.Con
   return config
 
 
-def initial_params(config: ml_collections.ConfigDict, model: clip.CLIP, tokenizer) -> dict:
-  """Parameters named by `model.init_from`: a dgia-jax run (its latest checkpoint) or a CLIP checkpoint.
+def initial_params(config: ml_collections.ConfigDict, model: clip.CLIP, tokenizer) -> tuple[dict, dict | None]:
+  """(parameters named by `model.init_from`: a dgia-jax run (its latest checkpoint), a CLIP checkpoint
+  or a field checkpoint; for a field checkpoint, what else it held: `checkpoint_io.FieldInfo` as a dict).
 
   Raises ValueError naming the run and the first parameter whose shape differs from `model`'s.
   """
   init_from = config.model.init_from
   if not rundir.RunDir(init_from).is_run():
-    return checkpoint_io.load_clip(init_from, model.cfg, appended_tokens=tokenizer.num_appended,
-                                   cache_dir=config.model.init_cache_dir or None)
+    params, info = checkpoint_io.load_clip(init_from, model.cfg, appended_tokens=tokenizer.num_appended,
+                                           cache_dir=config.model.init_cache_dir or None)
+    return params, None if info is None else {**dataclasses.asdict(info), "describe": info.describe()}
   step, params = rebuild.restore_params(init_from)
   images = jnp.zeros((1, *model.cfg.vision.image_size, 3), jnp.float32)
   tokens = jnp.zeros((1, model.cfg.text.context_length), jnp.int32)
@@ -129,4 +133,4 @@ def initial_params(config: ml_collections.ConfigDict, model: clip.CLIP, tokenize
     if have != need:
       raise errors.ConfigError(f"model.init_from={init_from} (step {step}) does not fit this model: parameter "
                        f"{name} is {have} there, the config's model has {need}")
-  return params
+  return params, None

@@ -103,7 +103,8 @@ KEYS: dict[str, Key] = {
     **_keys(rerun=True, name=TEXT),
     **_section("data", {
         **_keys(name=NAME, image_size=whole_numbers(2), resize=choice(*RESIZE_FILTERS),
-                context_length=integer(3, 4096), tokenizer=TEXT, train_split=NAME, val_split=TEXT,
+                context_length=integer(3, 4096), tokenizer=TEXT, text_pipeline=choice("hf", "irra"),
+                train_split=NAME, val_split=TEXT,
                 holdout_val_ids=integer(0), holdout_seed=SEED,
                 synthetic__num_ids=whole_numbers(3), synthetic__views_per_id=COUNT,
                 synthetic__captions_per_image=COUNT, synthetic__sibling_prob=PROBABILITY,
@@ -131,7 +132,7 @@ KEYS: dict[str, Key] = {
         **_keys(rerun=True, on_collapse=choice("warn", "stop"), collapse_share=number(0.0, 1.0, low_open=True)),
     }),
     **_section("iasc", _keys(mask_prob=PROBABILITY, pad=integer(0), erase_prob=PROBABILITY,
-                             erase_fill=choice(*perturb.ERASE_FILLS), mask_at_least_one=BOOL,
+                             erase_fill=choice(*perturb.ERASE_FILLS), mask_first=BOOL,
                              relations=choice("clean", "perturbed"))),
     **_section("gsrc", _keys(k=integer(1, 1024), threshold=COSINE, alpha=PROBABILITY, start_epoch=EPOCH,
                              candidates=choice("exclude_self", "skip_top1"), rows=choice("batch", "batch+bank"),
@@ -225,12 +226,17 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 # Keys a saved run may hold that no longer exist, each dropped (None) or read as today's keys and values.
-RETIRED = {"data.eval_split": None, "eval.test_each_epoch": None}  # now config.evals (rerun keys)
+RETIRED = {"data.eval_split": None, "eval.test_each_epoch": None,  # now config.evals (rerun keys)
+           # False is today's mask_first=False; True (mask the first token of a caption left unmasked)
+           # is no rule of today's: kept, so that a rerun names it.
+           "iasc.mask_at_least_one": lambda v: {"iasc.mask_first": False} if v is False else {"iasc.mask_at_least_one": v}}
+# Keys added since a run may have been saved, with the value the run behaved as.
+ABSENT = {"data.text_pipeline": "hf"}
 
 
 def _as_today(saved: dict) -> dict:
-  """A saved run's config leaves in today's keys (`RETIRED`)."""
-  out = {}
+  """A saved run's config leaves in today's keys (`RETIRED`, `ABSENT`)."""
+  out = dict(ABSENT)
   for key, value in saved.items():
     if key in RETIRED:
       out.update(RETIRED[key](value) if RETIRED[key] else {})

@@ -101,6 +101,12 @@ def _train(config: ml_collections.ConfigDict, run: rundir.RunDir, mesh) -> dict:
   state = built.state if fresh else ckpt.restore(built.state)
   start_step = int(state.step)
   writer = reporting.MetricWriter(run, start_step, enabled=is_main)
+  if built.field_start is not None:  # the run records the field checkpoint it starts from
+    writer.write({"kind": "init", "step": 0, "field_checkpoint": os.path.abspath(config.model.init_from),
+                  **{k: v for k, v in built.field_start.items() if k != "describe"}})
+    if is_main:
+      print(f"dgia-jax: starting from the field checkpoint {config.model.init_from}: {built.field_start['describe']}",
+            flush=True)
   if is_main:
     print(f"dgia-jax: {jax.device_count()} devices × {jax.process_count()} processes; "
           f"{train_split.num_pairs} training pairs, {spe} steps/epoch, {built.num_params / 1e6:.2f}M parameters; "
