@@ -1,4 +1,4 @@
-"""Pseudo-identity clustering at CUHK-PEDES size: sparse k-reciprocal Jaccard + DBSCAN.
+"""Pseudo-identity clustering at CUHK-PEDES size and at millions: sparse k-reciprocal Jaccard + DBSCAN.
 
 Synthetic 512-d features with CUHK-PEDES-like cluster sizes: 11,003 ids, and either
 34,054 points (the train images, ~3.1 per id with a spread) or 68,126 points (the field's
@@ -10,9 +10,13 @@ at the largest N whose two N × N float32 matrices (its peak: V with its query
 expansion, then V with the distances) fit `--dense_gb`, and ours runs at that
 N too for the ratios and the agreement of the two labelings (ARI).
 
+Past `relations.clusters.ann_threshold` the k-NN graph comes from FAISS's HNSW graph instead of the
+exact search ("ann"): it runs at `--ann_sizes` (past CUHK-PEDES, ~6.2 points per id as in its pair
+bank), and at the first of them beside the exact path too, for the agreement of the two labelings.
+
 Every run is a fresh process, so each peak RSS is that run's own. Prints one JSON line.
 
-  python -m benchmarks.clustering [--sizes 34054,68126] [--dense_gb 6]
+  python -m benchmarks.clustering [--sizes 34054,68126] [--dense_gb 6] [--ann_sizes 68126,1000000]
 """
 
 from __future__ import annotations
@@ -44,8 +48,11 @@ def cluster_sizes(num_ids: int, num_points: int, rng: np.random.Generator) -> np
 
 
 def num_ids_for(num_points: int) -> int:
-  """CUHK-PEDES's 11,003 ids up to N = 68,126 pairs; below its 34,054 images, ~3.1 points per id."""
-  return NUM_IDS if num_points >= NUM_IMAGES else max(1, round(num_points * NUM_IDS / NUM_IMAGES))
+  """CUHK-PEDES's 11,003 ids from its 34,054 images to its 68,126 pairs; below, ~3.1 points per id,
+  past it ~6.2 (a collection of millions as many crops per person as CUHK-PEDES's pair bank)."""
+  if num_points < NUM_IMAGES:
+    return max(1, round(num_points * NUM_IDS / NUM_IMAGES))
+  return NUM_IDS if num_points <= NUM_PAIRS else round(num_points * NUM_IDS / NUM_PAIRS)
 
 
 def clustered_features(num_ids: int, num_points: int, dim: int = DIM, noise: float = NOISE,
@@ -118,7 +125,8 @@ def peak_rss_gb() -> float:
 
 
 def run_one(method: str, n: int, labels_path: str) -> dict:
-  """Clusters N synthetic points with `method` ('sparse' or 'dense') in this process."""
+  """Clusters N synthetic points with `method` in this process: 'sparse' (exact k-NN), 'ann' (HNSW k-NN)
+  or 'dense' (the field's reference)."""
   from sklearn.cluster import DBSCAN
 
   from dgia_jax.method import clustering
@@ -126,8 +134,8 @@ def run_one(method: str, n: int, labels_path: str) -> dict:
   x, ids = clustered_features(num_ids_for(n), n)
   cfg = clustering.DEFAULTS
   start = time.perf_counter()
-  if method == "sparse":
-    labels = clustering.cluster_images(x, np.arange(n), **cfg)
+  if method in ("sparse", "ann"):
+    labels = clustering.cluster_images(x, np.arange(n), **cfg, ann_threshold=0 if method == "ann" else n)
   else:
     distance = dense_jaccard_distance(x, cfg["k1"], cfg["k2"])
     labels = DBSCAN(eps=cfg["eps"], min_samples=cfg["min_samples"], metric="precomputed").fit_predict(distance)
@@ -155,7 +163,8 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--sizes", default=f"{NUM_IMAGES},{NUM_PAIRS}")
   parser.add_argument("--dense_gb", type=float, default=6.0, help="memory for the dense reference's matrices")
-  parser.add_argument("--run", choices=("sparse", "dense"), help=argparse.SUPPRESS)
+  parser.add_argument("--ann_sizes", default=f"{NUM_PAIRS},1000000", help="sizes clustered with the HNSW k-NN graph")
+  parser.add_argument("--run", choices=("sparse", "ann", "dense"), help=argparse.SUPPRESS)
   parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--labels", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -172,6 +181,13 @@ def main():
     dense = in_fresh_process("dense", n_dense, path("dense"))
     same_n = in_fresh_process("sparse", n_dense, path("same_n"))
     agreement = metrics.adjusted_rand_score(np.load(path("dense")), np.load(path("same_n")))
+    ann = []
+    for n in map(int, args.ann_sizes.split(",")):
+      ann.append(in_fresh_process("ann", n, path(f"ann{n}")))
+      print(json.dumps(ann[-1]), file=sys.stderr, flush=True)
+    n_both = int(args.ann_sizes.split(",")[0])
+    exact = next((r for r in sparse if r["n"] == n_both), None) or in_fresh_process("sparse", n_both, path(f"sparse{n_both}"))
+    ann_vs_exact = metrics.adjusted_rand_score(np.load(path(f"sparse{n_both}")), np.load(path(f"ann{n_both}")))
   largest = max(sparse, key=lambda r: r["n"])
   print(json.dumps({
       "benchmark": "clustering", "dim": DIM, "noise": NOISE, "cpus": os.cpu_count(),
@@ -183,6 +199,8 @@ def main():
       "speedup_at_dense_n": round(dense["seconds"] / same_n["seconds"], 2),
       "memory_ratio_at_dense_n": round(dense["peak_rss_gb"] / same_n["peak_rss_gb"], 2),
       "dense_gb_at_largest_n": round(2 * 4 * largest["n"] ** 2 / 2**30, 1),
+      "ann": ann, "ann_vs_exact": {"n": n_both, "ari": round(float(ann_vs_exact), 5),
+                                   "speedup": round(exact["seconds"] / ann[0]["seconds"], 2)},
       "target": {"n": NUM_PAIRS, "seconds": TARGET_SECONDS, "peak_rss_gb": TARGET_GB,
                  "met": largest["n"] == NUM_PAIRS and largest["seconds"] < TARGET_SECONDS
                         and largest["peak_rss_gb"] < TARGET_GB}}))

@@ -60,6 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
   # candidates too.
   c.relations.compare = ">="
   c.relations.oracle = False  # measurement only: true person ids as the relations
+  # "threshold": the paper's rule (both cosines over their thresholds); "mutual_topk": the same, kept
+  # only between mutual top-`topk` neighbours of the batch by the lower of the two cosines: a row is
+  # related to at most `topk` others, so the relations cannot grow to the whole batch (a rule for data
+  # without ids to tune thresholds on: docs/RESULTS.md).
+  c.relations.rule = "threshold"
+  c.relations.topk = 2
   # A collapse: an epoch whose in-batch relations per batch row pass this share of the other rows
   # of the batch (1: every pair related). The log names it; "stop" also ends the run there.
   c.relations.collapse_share = 0.5
@@ -78,7 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
       # identity here they merge the 2,000 training images into ~26 clusters (pair precision
       # 0.2% on an ITC model's features). Smaller neighbourhoods (measured: pair precision 25%,
       # ~440 clusters, 41% outliers) fit this set.
-      k1=8, k2=2, eps=0.45, min_samples=2))
+      k1=8, k2=2, eps=0.45, min_samples=2,
+      # Images past which the k-NN graph is approximate (FAISS's HNSW; faiss-cpu), not exact (O(N²)).
+      ann_threshold=200_000))
 
   # Information-asymmetric partners (IASC-CL).
   c.iasc = ml_collections.ConfigDict()
@@ -110,6 +118,9 @@ def get_config() -> ml_collections.ConfigDict:
   # The banks keep L2-normalised features, renormalised after each update ("normalised"), or
   # the raw features' running mean, normalised when read ("raw", the reference code's).
   c.gsrc.bank_features = "normalised"
+  # The banks' storage: "float32", or "bfloat16" (half the memory: two 5 M x 512 banks 10 GB instead of
+  # 20 GB; every computation on their rows stays float32; docs/SCALE.md measures the candidates it changes).
+  c.gsrc.bank_dtype = "float32"
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64

@@ -433,7 +433,10 @@ def split_summary(builder: tfds.core.DatasetBuilder) -> dict[str, dict[str, int]
   summary = {}
   for split in builder.info.splits:
     source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-    examples = [source[i] for i in range(len(source))]
-    summary[split] = {"images": len(examples), "captions": sum(len(e["captions"]) for e in examples),
-                      "ids": len({int(e["person_id"]) for e in examples})}
+    captions, ids = 0, set()
+    for start in range(0, len(source), 1024):  # a chunk at a time: a collection may hold millions
+      for example in source.__getitems__(list(range(start, min(start + 1024, len(source))))):
+        captions += len(example["captions"])
+        ids.add(int(example["person_id"]))
+    summary[split] = {"images": len(source), "captions": captions, "ids": len(ids)}
   return summary

@@ -2,15 +2,18 @@
 stable-index join, label quality, and the trainer's clusters relation source."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import sparse
 from sklearn import metrics
 from sklearn.cluster import DBSCAN
 
 from benchmarks.clustering import clustered_features, dense_jaccard_distance
-from dgia_jax.common import parallel
+from dgia_jax.common import errors, parallel
 from dgia_jax.data import datasets
 from dgia_jax.inference import encoding, rebuild
 from dgia_jax.method import clustering
@@ -89,6 +92,40 @@ def test_nearest_neighbours_put_each_row_first_even_with_duplicates():
   rank = clustering.nearest_neighbours(x, 2, block=2)
   np.testing.assert_array_equal(rank[:, 0], np.arange(5))
   assert set(rank[0, 1:]) == {1, 2} and rank[3, 1] == 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 400), st.integers(1, 50))
+def test_jaccard_sums_are_the_same_from_the_dense_and_the_wide_accumulator(seed, pairs, size):
+  """The wide blocks of millions of points sum their triples without an O(N) accumulator, to the same bits."""
+  rng = np.random.default_rng(seed)
+  key = rng.integers(0, size, pairs)
+  values = rng.random(pairs) * rng.choice([1e-8, 1.0, 1e8], pairs)
+  dense = clustering._sum_by_key(key, values, size)
+  wide = clustering._sum_by_key(key + 10**12, values, 10**12 + size)  # past 8 × P: the distinct keys first
+  np.testing.assert_array_equal(dense[0] + 10**12, wide[0])
+  np.testing.assert_array_equal(dense[1], wide[1])
+  assert np.array_equal(dense[0], np.unique(key))
+
+
+def test_approximate_neighbours_past_the_threshold_agree_with_the_exact_ones(points):
+  x, ids = points
+  x = clustering.unit_rows(x)
+  exact = clustering.nearest_neighbours(x, 10)
+  approximate = clustering.nearest_neighbours(x, 10, ann_threshold=len(x) - 1)  # HNSW (FAISS)
+  assert (approximate[:, 0] == np.arange(len(x))).all()
+  recall = np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approximate.tolist(), exact.tolist())])
+  assert recall > 0.95, recall
+  labels = {t: clustering.cluster_images(x, np.arange(len(x)), k1=10, k2=3, eps=0.5, min_samples=2, ann_threshold=t)
+            for t in (len(x), len(x) - 1)}
+  assert metrics.adjusted_rand_score(*labels.values()) > 0.95
+  assert metrics.adjusted_rand_score(labels[len(x) - 1], ids) > 0.5
+
+
+def test_approximate_neighbours_without_faiss_name_the_package(points, monkeypatch):
+  monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+  with pytest.raises(errors.MissingDependencyError, match=r"clustering 2,000 images .* pip install faiss-cpu==1\.15\.1"):
+    clustering.nearest_neighbours(clustering.unit_rows(points[0]), 5, ann_threshold=10)
 
 
 def test_label_quality_hand_computed():

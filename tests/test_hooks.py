@@ -1,9 +1,11 @@
 """The loop's periodic actions: one `itstime` predicate, the step log and its collapse check, re-clustering."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dgia_jax.common import errors
+from dgia_jax.method import objective
 from dgia_jax.training import hooks
 
 
@@ -65,3 +67,21 @@ def test_a_collapse_stops_the_run_when_asked():
   log.flush(1)
   with pytest.raises(errors.CollapseError, match="lrc 14.0 of the 15 other rows of a batch per row .93 %"):
     log.end_epoch(1)
+
+
+def test_without_ids_relations_are_counted_and_the_log_says_precision_cannot_be_measured(monkeypatch):
+  said = []
+  monkeypatch.setattr(hooks.reporting, "message", said.append)
+  writer = _Writer()
+  writer.enabled = True
+  log = hooks.StepLog(writer, 1, 0, 2, stop_on_nonfinite=False, batch_size=4, with_ids=False)
+  related = jnp.asarray(np.eye(4, dtype=bool) | np.eye(4, k=1, dtype=bool) | np.eye(4, k=-1, dtype=bool))
+  counts = objective.relation_counts({"lrc_related": related}, jnp.arange(4), jnp.full((8,), -1))  # no ids: -1
+  assert int(counts["lrc_hit"]) == int(counts["lrc_same"]) == 0 and int(counts["lrc_pred"]) == 6
+  log.add({"loss": np.float32(1.0), "lr": np.float32(0.1)}, {**{k: float(v) for k, v in counts.items()}, "skipped": 0})
+  log.flush(1)
+  log.end_epoch(1)
+  relations = writer.records[-1]
+  assert relations["kind"] == "relations" and relations["lrc_relations_per_batch_row"] == 1.5
+  assert not [k for r in writer.records for k in r if k.endswith(("precision", "recall"))]  # no zeros printed
+  assert any("the data set has no ids: precision and recall cannot be measured" in m for m in said), said

@@ -222,3 +222,74 @@ def test_sharded_search_loss_grads_and_update_equal_one_device(tmp_path):
     for key in ("sims", "loss", "g_img", "g_txt", "image", "text"):
       np.testing.assert_allclose(eight[mode + key], one[mode + key], atol=1e-5, err_msg=mode + key)
     assert one[mode + "valid"].any() and not one[mode + "valid"].all()
+
+
+@pytest.mark.slow  # compiles the bank update and search in two dtypes
+def test_bfloat16_banks_take_half_the_memory_and_compute_in_float32(mesh):
+  rng = np.random.default_rng(3)
+  img, txt = unit(rng.normal(size=(12, 8))), unit(rng.normal(size=(12, 8)))
+  rows = ig.padded_size(12, mesh)
+  banks = {}
+  for dtype in ("float32", "bfloat16"):
+    bank = ig.update_bank(ig.empty_bank(rows, 8, dtype), jnp.arange(12), jnp.asarray(img), jnp.asarray(txt), 0.9, mesh)
+    banks[dtype] = ig.update_bank(bank, jnp.array([2, 5]), jnp.asarray(txt[:2]), jnp.asarray(img[:2]), 0.9, mesh)
+  b32, b16 = banks["float32"], banks["bfloat16"]
+  assert b16.image.dtype == jnp.bfloat16 and b16.image.nbytes * 2 == b32.image.nbytes
+  # The running mean is taken in float32 from the widened rows and rounded once as it is stored.
+  old = np.asarray(ig.empty_bank(rows, 8, "bfloat16").image.at[:12].set(jnp.asarray(img, jnp.bfloat16)), np.float32)
+  mixed = 0.9 * txt[:2] + 0.1 * old[[2, 5]]
+  expected = np.asarray(jnp.asarray(unit(mixed)).astype(jnp.bfloat16), np.float32)
+  np.testing.assert_allclose(np.asarray(b16.image, np.float32)[[2, 5]], expected, rtol=1e-2, atol=1e-3)
+  anchors, index = jnp.asarray(img[[0, 7]]), jnp.array([0, 7])
+  s32, r32, v32 = ig.search_neighbours(b32, anchors, index, 3, 0.0, mesh)
+  s16, r16, v16 = ig.search_neighbours(b16, anchors, index, 3, 0.0, mesh)
+  stored = np.asarray(b16.image, np.float32)
+  assert s16.dtype == jnp.float32
+  np.testing.assert_allclose(s16, np.take_along_axis(np.asarray(anchors) @ stored.T, np.asarray(r16), 1), rtol=1e-6)
+  assert np.abs(np.asarray(s16) - np.asarray(s32)).max() < 2e-2
+  g_img, g_txt = ig.gather_rows(b16, r16, mesh)
+  assert g_img.dtype == g_txt.dtype == jnp.float32
+  np.testing.assert_array_equal(g_img, stored[np.asarray(r16)])
+
+
+_AT_MILLIONS = """
+import re
+import jax, jax.numpy as jnp
+from dgia_jax.common import parallel
+from dgia_jax.method import identity_graph
+from dgia_jax.models import presets
+from dgia_jax.training import build
+from tests import helpers
+
+class Tokenizer:
+  vocab_size, eot_id, context_length, mask_id = 1000, 999, 16, 998
+
+mesh = parallel.make_mesh()
+data = parallel.data_sharding(mesh)
+for n, dtype in ((68_126, "float32"), (5_000_000, "bfloat16"), (5_000_000, "float32")):
+  c = helpers.tiny_config("unused")
+  c.model, c.model.embed_dim = presets.small(), 512
+  c.data.context_length, c.data.image_size, c.train.batch_size, c.gsrc.bank_dtype = 16, (32, 16), 16, dtype
+  c.relations.start_epoch = c.gsrc.start_epoch = 1
+  c.relations.clusters.enabled = True
+  built = build.training(c, Tokenizer, 100, n, mesh, abstract=True)  # nothing allocated
+  padded = identity_graph.padded_size(n, mesh)
+  batch = {"image": jax.ShapeDtypeStruct((16, 32, 16, 3), jnp.uint8, sharding=data),
+           "tokens": jax.ShapeDtypeStruct((16, 16), jnp.int32, sharding=data),
+           "index": jax.ShapeDtypeStruct((16,), jnp.int32, sharding=data)}
+  pids = jax.ShapeDtypeStruct((padded,), jnp.int32, sharding=data)
+  hlo = built.step.lower(built.state, batch, pids).compile().as_text()
+  shapes = {s for s in re.findall(r"\\[([0-9,]+)\\]", hlo)}
+  whole = sorted(s for s in shapes if str(padded) in s.split(","))
+  local = [s for s in shapes if str(padded // 8) in s.split(",")]
+  assert not whole and local, (n, dtype, whole[:5])
+  print(n, dtype, "per-device rows", padded // 8, "ok")
+"""
+
+
+@pytest.mark.slow
+def test_the_step_holds_no_bank_sized_array_on_one_device_at_millions_of_rows():
+  """The compiled step (8 devices; banks, filled flags, pseudo ids and pair ids sharded along N) has
+  no array with all N_pad rows, from CUHK-PEDES's 68 k pairs to 5 M, in both storage dtypes."""
+  proc = helpers.run_python(_AT_MILLIONS, devices=8)
+  assert proc.stdout.count(" ok") == 3, proc.stdout

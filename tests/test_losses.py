@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dgia_jax.method import losses
 
@@ -83,3 +85,29 @@ def test_agreement_threshold_is_inclusive_or_strict():
   txt = jnp.array([[1.0, 0.0], [1.0, 0.0]])
   assert bool(losses.agreement_relations(img, txt, 0.75, 0.75)[0, 1])
   assert not bool(losses.agreement_relations(img, txt, 0.75, 0.75, strict=True)[0, 1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 12), st.integers(1, 6), st.booleans())
+def test_mutual_top_k_relates_a_row_to_at_most_k_others_even_when_the_features_collapse(seed, b, k, collapsed):
+  rng = np.random.default_rng(seed)
+  img, txt = unit(rng.normal(size=(b, 4))), unit(rng.normal(size=(b, 4)))
+  if collapsed:  # every pair as similar as can be: the paper's thresholds relate the whole batch
+    img, txt = np.repeat(img[:1], b, 0), np.repeat(txt[:1], b, 0)
+  related = np.asarray(losses.mutual_top_k(jnp.asarray(img), jnp.asarray(txt), k))
+  assert related.diagonal().all() and (related == related.T).all()
+  assert (related.sum(1) - 1 <= k).all()
+  score = np.minimum(img @ img.T, txt @ txt.T)
+  np.fill_diagonal(score, -np.inf)
+  top = np.argsort(-score, axis=1, kind="stable")[:, :min(k, b - 1)]
+  near = np.zeros((b, b), bool)
+  np.put_along_axis(near, top, True, 1)
+  np.testing.assert_array_equal(related, (near & near.T) | np.eye(b, dtype=bool))
+
+
+def test_mutual_top_k_hand_computed():
+  # 0 and 1 are each other's nearest; 2's nearest is 1, but 1's is 0: with k = 1 only 0-1 is related.
+  img = jnp.asarray(unit([[1.0, 0.0], [0.9, 0.1], [0.6, 0.4]]))
+  related = np.asarray(losses.mutual_top_k(img, img, 1))
+  np.testing.assert_array_equal(related, [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
+  assert np.asarray(losses.mutual_top_k(img, img, 2)).all()

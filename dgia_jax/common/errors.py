@@ -8,6 +8,8 @@ its traceback. Each class also subclasses the built-in error it stands for, so c
 `data_prep.errors.SourceError`s, which are user errors too (`USER_ERRORS`).
 """
 
+import importlib
+
 from data_prep import errors as source_errors
 
 
@@ -29,6 +31,18 @@ class BadInputError(UserError, ValueError):
 
 class MissingDependencyError(UserError, ImportError):
   """An optional package a chosen option needs is not installed."""
+
+
+# The optional packages (import name: what to install, as requirements-dev.txt pins it).
+OPTIONAL_PACKAGES = {"faiss": "faiss-cpu==1.15.1", "torch": "torch==2.13.0"}
+
+
+def import_optional(module: str, purpose: str):
+  """The optional package `module`, or MissingDependencyError: "<purpose> needs <module>: pip install ..."."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise MissingDependencyError(f"{purpose} needs {module}: pip install {OPTIONAL_PACKAGES[module]}") from e
 
 
 class WriteError(UserError, OSError):

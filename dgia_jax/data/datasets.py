@@ -6,7 +6,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from data_prep import benchmarks, synthetic_persons
+from data_prep import benchmarks, captioned_crops, synthetic_persons
 from dgia_jax.common import errors
 from dgia_jax.data.pipeline import Split, hold_out_identities, open_split
 from dgia_jax.data.tokenizer import Tokenizer, train_bpe
@@ -35,9 +35,20 @@ def _prepare_benchmark(builder, data_cfg) -> None:
   benchmarks.prepare(builder, data_cfg.manual_dir)
 
 
+def _captioned_crops_builder(data_cfg) -> tfds.core.DatasetBuilder:
+  return captioned_crops.make_builder(data_cfg.get("manual_dir", ""), data_cfg.data_dir, strict=data_cfg.get("strict", True),
+                                      allow_outside=data_cfg.get("allow_paths_outside", False))
+
+
+def _prepare_captioned_crops(builder, data_cfg) -> None:
+  del data_cfg
+  captioned_crops.prepare(builder)
+
+
 # config.data.name -> (builder of config.data, how to prepare it).
 _REGISTRY = {"synthetic_persons": (_synthetic_builder, _prepare_synthetic),
-             **{name: (_benchmark_builder, _prepare_benchmark) for name in benchmarks.BUILDERS}}
+             **{name: (_benchmark_builder, _prepare_benchmark) for name in benchmarks.BUILDERS},
+             "captioned_crops": (_captioned_crops_builder, _prepare_captioned_crops)}
 
 
 def _make_builder(data_cfg) -> tfds.core.DatasetBuilder:

@@ -98,6 +98,11 @@ class Split:
     return len(self.image_paths)
 
   @property
+  def has_ids(self) -> bool:
+    """Whether the images have person ids (a collection of captioned crops has none: -1)."""
+    return bool((self.person_ids >= 0).all())
+
+  @property
   def pair_person_ids(self) -> np.ndarray:
     """int64 [P]: person id of each pair (hidden; measurement only)."""
     return self.person_ids[self.pair_record]

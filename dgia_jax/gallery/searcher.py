@@ -37,14 +37,6 @@ def exact_search(queries: np.ndarray, shards: list[np.ndarray], k: int) -> tuple
   return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
-def _import_faiss():
-  try:
-    import faiss  # optional: only `--index faiss` needs it
-  except ImportError as e:
-    raise errors.MissingDependencyError("FAISS search needs faiss-cpu: pip install faiss-cpu==1.15.1") from e
-  return faiss
-
-
 def faiss_index(shards: list[np.ndarray], factory: str = "Flat", nprobe: int = 8):
   """A FAISS inner-product index over the shards, added one shard at a time.
 
@@ -53,7 +45,7 @@ def faiss_index(shards: list[np.ndarray], factory: str = "Flat", nprobe: int = 8
   trained on the first shard, and searches `nprobe` of its lists (approximate). A factory FAISS
   does not parse, or one whose training needs more rows than the first shard has, is a ConfigError.
   """
-  faiss = _import_faiss()
+  faiss = errors.import_optional("faiss", "FAISS search (--index faiss)")
   dim = shards[0].shape[1] if shards else 0
   try:
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)

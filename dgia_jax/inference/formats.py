@@ -61,7 +61,7 @@ def _is_fp16_in_the_field(name: str) -> bool:
 
 def write_irra(run: TrainedRun, out: str, fp16: bool = True) -> dict:
   """`out` (a .pth file) as the field's `Checkpointer` writes one; returns {"keys", "fp16_tensors"}."""
-  import torch  # the field's format is a torch pickle
+  torch = errors.import_optional("torch", f"writing {out} in the field's format (a torch pickle)")
 
   cfg = run.model.cfg
   mask_row = field_text.MASK_ID if run.tokenizer.num_appended else None

@@ -6,8 +6,9 @@ the k-reciprocal Jaccard distance of Zhong et al. 2017 ("Re-ranking person
 re-identification with k-reciprocal encoding"), as used by the clustering-based re-id and
 text-person methods, computed without any N × N matrix:
 
-1. `nearest_neighbours`: exact cosine k-NN, k1 + 1 per row (the row itself first), from
-   jitted query-block matmuls.
+1. `nearest_neighbours`: cosine k-NN, k1 + 1 per row (the row itself first): exact, from jitted
+   query-block matmuls, up to `ann_threshold` points; past it approximate, from FAISS's HNSW graph
+   (O(N log N) instead of O(N²): a million points in minutes on a CPU, docs/SCALE.md).
 2. `expanded_neighbours`: R(i, k) = {j among i's k + 1 nearest with i among j's k + 1
    nearest}; E(i) = R(i, k1) plus R(c, k1/2) for each c in R(i, k1) that shares more than
    2/3 of R(c, k1/2) with R(i, k1).
@@ -26,13 +27,13 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
+from dgia_jax.common import errors
 from dgia_jax.evaluation import metrics as retrieval_metrics
 
 # The field's settings (SpCL, cluster-contrast, ICPG): the keyword arguments of `cluster_images`.
 DEFAULTS = {"k1": 30, "k2": 6, "eps": 0.6, "min_samples": 4, "block": 1024}
 
 _PAIRS_PER_BLOCK = 1 << 20  # Jaccard step: (row, shared column, other row) triples per block
-_DENSE_PER_BLOCK = 1 << 18  # Jaccard step: accumulator entries (block rows × N) per block
 
 
 def unit_rows(features: np.ndarray) -> np.ndarray:
@@ -45,17 +46,24 @@ def unit_rows(features: np.ndarray) -> np.ndarray:
   return x / norms
 
 
-def nearest_neighbours(features: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
+ANN_THRESHOLD = 200_000  # points past which the k-NN graph is approximate (HNSW)
+
+
+def nearest_neighbours(features: np.ndarray, k: int, block: int = 1024, ann_threshold: int = ANN_THRESHOLD) -> np.ndarray:
   """int64 [N, k + 1]: each row's k + 1 most cosine-similar rows, itself first.
 
-  `features` [N, D] are unit rows. Exact search, `block` query rows per jitted matmul; equal
-  similarities keep the lower index first. If exact duplicates push a row out of its own
-  top k + 1, it is still put first and the last neighbour dropped.
+  `features` [N, D] are unit rows. Up to `ann_threshold` rows, exact search, `block` query rows per
+  jitted matmul, equal similarities keeping the lower index first; past it, FAISS's HNSW graph
+  (approximate; `_hnsw_neighbours`). If duplicates push a row out of its own top k + 1, it is still
+  put first and the last neighbour dropped.
   """
   n = len(features)
   if not 0 < k < n:
     raise ValueError(f"need 0 < k < N for a {k}-NN graph of {n} points")
-  _, idx = retrieval_metrics.top_k(features, features, k + 1, block)
+  if n > ann_threshold:
+    idx = _hnsw_neighbours(features, k + 1)
+  else:
+    _, idx = retrieval_metrics.top_k(features, features, k + 1, block)
   idx = idx.astype(np.int64)
   own = np.arange(n)[:, None]
   is_self = idx == own
@@ -64,6 +72,19 @@ def nearest_neighbours(features: np.ndarray, k: int, block: int = 1024) -> np.nd
   lost = ~is_self.any(1)
   idx[lost] = np.concatenate([own[lost], idx[lost, :-1]], 1)
   return idx
+
+
+def _hnsw_neighbours(features: np.ndarray, k: int, links: int = 32) -> np.ndarray:
+  """int64 [N, k]: approximate inner-product k-NN of unit rows [N, D] from FAISS's HNSW graph
+  (`links` per node, search breadth 2k or more). faiss-cpu is needed only here."""
+  faiss = errors.import_optional("faiss", f"clustering {len(features):,} images (past relations.clusters.ann_threshold)")
+  x = np.ascontiguousarray(features, np.float32)
+  index = faiss.IndexHNSWFlat(x.shape[1], links, faiss.METRIC_INNER_PRODUCT)
+  index.hnsw.efConstruction = 80
+  index.add(x)
+  index.hnsw.efSearch = max(64, 2 * k)
+  _, idx = index.search(x, k)
+  return np.where(idx < 0, np.arange(len(x))[:, None], idx)  # an unfilled slot (never seen): the row itself
 
 
 def _rows_graph(cols: np.ndarray, n: int) -> sparse.csr_matrix:
@@ -135,17 +156,29 @@ def _row_blocks(cost: np.ndarray, n: int) -> list[tuple[int, int]]:
   """Consecutive row ranges [start, stop) within the Jaccard step's per-block budgets.
 
   `cost` [N] is each row's number of (row, column, other row) triples; a block holds at most
-  `_PAIRS_PER_BLOCK` of them (or one row) and `_DENSE_PER_BLOCK` accumulator entries.
+  `_PAIRS_PER_BLOCK` of them (or one row).
   """
   ends = np.cumsum(cost)
   blocks, start = [], 0
   while start < n:
     done = ends[start - 1] if start else 0
     stop = int(np.searchsorted(ends, done + _PAIRS_PER_BLOCK, side="right"))
-    stop = min(max(stop, start + 1), start + max(1, _DENSE_PER_BLOCK // (n - start)), n)
+    stop = min(max(stop, start + 1), n)
     blocks.append((start, stop))
     start = stop
   return blocks
+
+
+def _sum_by_key(key: np.ndarray, values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The distinct keys [K] of `key` [P] (in [0, size)), ascending, and float64 sums [K] of their `values`,
+  each added in input order (the same sums either way). A dense accumulator when `size` is within a few
+  times P, else the distinct keys first: no O(size) memory for the wide blocks of millions of points."""
+  if size <= 8 * len(key):
+    sums = np.bincount(key, weights=values, minlength=size)
+    distinct = np.flatnonzero(np.bincount(key, minlength=size))
+    return distinct, sums[distinct]
+  distinct, inverse = np.unique(key, return_inverse=True)
+  return distinct, np.bincount(inverse, weights=values, minlength=len(distinct))
 
 
 def jaccard_distance(v: sparse.csr_matrix, max_distance: float = 1.0) -> sparse.csr_matrix:
@@ -177,9 +210,9 @@ def jaccard_distance(v: sparse.csr_matrix, max_distance: float = 1.0) -> sparse.
     width = n - start
     key = np.repeat((rows[lo:hi] - start) * width - start, c) + col_rows[at]
     shared = np.minimum(np.repeat(values[lo:hi], c), col_vals[at])
-    m = np.bincount(key, weights=shared, minlength=(stop - start) * width)
-    flat = np.flatnonzero(m > min_shared)
-    d = np.maximum(1.0 - m[flat] / (2.0 - m[flat]), 0.0)
+    flat, m = _sum_by_key(key, shared, (stop - start) * width)
+    flat, m = flat[m > min_shared], m[m > min_shared]
+    d = np.maximum(1.0 - m / (2.0 - m), 0.0)
     keep = d <= max_distance
     i, j = np.divmod(flat[keep], width)
     out.append((i + start, j + start, d[keep]))
@@ -200,10 +233,10 @@ def _symmetric_csr(rows: np.ndarray, cols: np.ndarray, dist: np.ndarray, n: int)
 
 
 def jaccard_graph(features: np.ndarray, k1: int = 30, k2: int = 6, block: int = 1024,
-                  max_distance: float = 1.0) -> sparse.csr_matrix:
+                  max_distance: float = 1.0, ann_threshold: int = ANN_THRESHOLD) -> sparse.csr_matrix:
   """float32 [N, N] sparse k-reciprocal Jaccard distances of features [N, D] (steps 1-5 above)."""
   x = unit_rows(features)
-  rank = nearest_neighbours(x, max(k1, k2), block)
+  rank = nearest_neighbours(x, max(k1, k2), block, ann_threshold)
   v = query_expansion(encode(x, expanded_neighbours(rank, k1)), rank, k2)
   return jaccard_distance(v, max_distance)
 
@@ -222,7 +255,7 @@ def dbscan_labels(distance: sparse.csr_matrix, eps: float = 0.6, min_samples: in
 
 
 def cluster_images(features: np.ndarray, image_index: np.ndarray, k1: int = 30, k2: int = 6, eps: float = 0.6,
-                   min_samples: int = 4, block: int = 1024) -> np.ndarray:
+                   min_samples: int = 4, block: int = 1024, ann_threshold: int = ANN_THRESHOLD) -> np.ndarray:
   """int64 [R]: pseudo identity of each image r (-1: outlier), keyed by the stable image index.
 
   `features` [R, D] (any order) with `image_index` [R], the record of each row: every image
@@ -239,7 +272,7 @@ def cluster_images(features: np.ndarray, image_index: np.ndarray, k1: int = 30, 
                      f"got {n} indices in [{image_index.min()}, {image_index.max()}] with "
                      f"{n - len(np.unique(image_index))} repeats")
   order = np.argsort(image_index)
-  distance = jaccard_graph(np.asarray(features)[order], k1, k2, block, max_distance=eps)
+  distance = jaccard_graph(np.asarray(features)[order], k1, k2, block, max_distance=eps, ann_threshold=ann_threshold)
   return dbscan_labels(distance, eps, min_samples)
 
 
@@ -248,8 +281,14 @@ def pair_labels(image_labels: np.ndarray, pair_record: np.ndarray) -> np.ndarray
   return np.asarray(image_labels)[pair_record]
 
 
+def label_counts(labels: np.ndarray) -> dict[str, float]:
+  """What pseudo labels [N] (-1: outlier) say without any ids: how many clusters, the outliers' share."""
+  labels = np.asarray(labels)
+  return {"num_clusters": int(len(np.unique(labels[labels >= 0]))), "outlier_share": float((labels < 0).mean())}
+
+
 def label_quality(labels: np.ndarray, true_ids: np.ndarray) -> dict[str, float]:
-  """Pseudo labels [N] against hidden person ids [N] (measurement only).
+  """Pseudo labels [N] against hidden person ids [N] (measurement only), with `label_counts`.
 
   ARI and NMI count every outlier as its own cluster; pair precision/recall are over pairs
   put in one cluster vs pairs of one person.
@@ -267,9 +306,8 @@ def label_quality(labels: np.ndarray, true_ids: np.ndarray) -> dict[str, float]:
   return {
       "ari": float(metrics.adjusted_rand_score(true_ids, singletons)),
       "nmi": float(metrics.normalized_mutual_info_score(true_ids, singletons)),
-      "num_clusters": int(len(np.unique(labels[~outlier]))),
+      **label_counts(labels),
       "num_ids": int(len(np.unique(true_ids))),
-      "outlier_share": float(outlier.mean()),
       "pair_precision": both / same_cluster if same_cluster else 0.0,
       "pair_recall": both / same_id if same_id else 0.0,
   }

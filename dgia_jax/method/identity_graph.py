@@ -30,7 +30,9 @@ from dgia_jax.method import losses
 
 @flax.struct.dataclass
 class MemoryBank:
-  """Banks float32 [N_pad, D] and `filled` bool [N_pad]; rows past N are padding, never filled."""
+  """Banks [N_pad, D] (float32, or bfloat16 to halve their memory: `gsrc.bank_dtype`) and `filled`
+  bool [N_pad]; rows past N are padding, never filled. Whatever the storage, every computation on
+  bank rows is float32 (bfloat16 rows are widened as they are read)."""
 
   image: jax.Array
   text: jax.Array
@@ -46,9 +48,9 @@ def padded_size(num_pairs: int, mesh: Mesh) -> int:
   return -(-num_pairs // n) * n
 
 
-def empty_bank(rows: int, dim: int) -> MemoryBank:
-  """An unfilled bank of `rows` rows (use `padded_size` so every shard holds as many)."""
-  return MemoryBank(image=jnp.zeros((rows, dim), jnp.float32), text=jnp.zeros((rows, dim), jnp.float32),
+def empty_bank(rows: int, dim: int, dtype: str = "float32") -> MemoryBank:
+  """An unfilled bank of `rows` rows of `dtype` (use `padded_size` so every shard holds as many)."""
+  return MemoryBank(image=jnp.zeros((rows, dim), dtype), text=jnp.zeros((rows, dim), dtype),
                     filled=jnp.zeros((rows,), bool))
 
 
@@ -72,12 +74,12 @@ def update_bank(bank: MemoryBank, index: jax.Array, img: jax.Array, txt: jax.Arr
     rows = jnp.where(owned, rows, n)  # out of range: dropped by the scatter
 
     def ema(bank_rows, new):
-      old = bank_rows[jnp.minimum(rows, n - 1)]
+      old = bank_rows[jnp.minimum(rows, n - 1)].astype(jnp.float32)
       seen = filled[jnp.minimum(rows, n - 1)][:, None]
       mixed = jnp.where(seen, alpha * new + (1.0 - alpha) * old, new)
       if normalise:
         mixed = mixed / jnp.maximum(jnp.linalg.norm(mixed, axis=-1, keepdims=True), 1e-12)
-      return bank_rows.at[rows].set(mixed, mode="drop")
+      return bank_rows.at[rows].set(mixed.astype(bank_rows.dtype), mode="drop")
 
     return ema(image, img), ema(text, txt), filled.at[rows].set(True, mode="drop")
 
@@ -113,6 +115,8 @@ def search_neighbours(bank: MemoryBank, anchors: jax.Array, index: jax.Array, k:
   def local(image, filled, anchors, index):
     n = filled.shape[0]
     rows = _shard_offset(n) + jnp.arange(n)
+    if image.dtype != jnp.float32:  # bfloat16 storage: the shard widened to float32 as it is read
+      image = image.astype(jnp.float32)
     sims = anchors @ (unit_rows(image) if normalise_rows else image).T
     keep = filled[None, :] if skip_top1 else filled[None, :] & (rows[None, :] != index[:, None])
     vals, idx = jax.lax.top_k(jnp.where(keep, sims, -jnp.inf), min(top, n))
@@ -135,7 +139,7 @@ def gather_rows(bank: MemoryBank, rows: jax.Array, mesh: Mesh) -> tuple[jax.Arra
     local_rows = rows - _shard_offset(n)
     owned = ((local_rows >= 0) & (local_rows < n))[..., None]
     safe = jnp.clip(local_rows, 0, n - 1)
-    pick = lambda b: jax.lax.psum(jnp.where(owned, b[safe], 0.0), DATA_AXIS)  # noqa: E731
+    pick = lambda b: jax.lax.psum(jnp.where(owned, b[safe].astype(jnp.float32), 0.0), DATA_AXIS)  # noqa: E731
     return pick(image), pick(text)
 
   data, rep = P(DATA_AXIS), P()

@@ -84,6 +84,19 @@ def agreement_relations(img: jax.Array, txt: jax.Array, th_v: float, th_t: float
   return related | jnp.eye(img.shape[0], dtype=bool)
 
 
+def mutual_top_k(img: jax.Array, txt: jax.Array, k: int) -> jax.Array:
+  """bool [B, B]: pairs each among the other's `k` nearest in the batch by their agreement, the lower
+  of the image and the text cosine (stop-gradient; ties to the lower index); the diagonal True. A row
+  relates to at most `k` others whatever the features, so the relations can never grow to the batch."""
+  img, txt = jax.lax.stop_gradient(img), jax.lax.stop_gradient(txt)
+  b = img.shape[0]
+  eye = jnp.eye(b, dtype=bool)
+  score = jnp.where(eye, -jnp.inf, jnp.minimum(img @ img.T, txt @ txt.T))
+  _, nearest = jax.lax.top_k(score, min(k, b - 1))
+  near = jnp.zeros((b, b), bool).at[jnp.arange(b)[:, None], nearest].set(True)
+  return (near & near.T) | eye
+
+
 def lrc_loss(img: jax.Array, txt: jax.Array, target_logits: jax.Array, temperature: float,
              eps: float = 1e-8) -> jax.Array:
   """L_rc_b: relation SDM with S = T Vᵀ / tau against `target_logits` [B, B] (ε = `eps`)."""

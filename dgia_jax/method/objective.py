@@ -37,6 +37,7 @@ class Options:
   image_threshold: float
   text_threshold: float
   strict: bool  # related when a cosine is > the threshold (the reference code's), else >=
+  top_k: int  # > 0: agreement relations kept only between mutual top-k neighbours of the batch (no collapse)
   oracle: bool  # measurement only: true person ids as the in-batch relations
   clusters_replace: bool  # cluster pseudo ids replace the agreement relations (else OR-ed in)
   partners_own_relations: bool  # the perturbed partners related by their own features (else as their pairs)
@@ -57,7 +58,7 @@ class Options:
     r, ic, gc = config.relations, config.iasc, config.gsrc
     return cls(seed=config.seed, temperature=config.loss.temperature, relation_eps=config.loss.relation_eps,
                weight=r.weight, image_threshold=r.image_threshold, text_threshold=r.text_threshold,
-               strict=r.compare == ">", oracle=r.oracle, clusters_replace=r.clusters.mode == "replace",
+               strict=r.compare == ">", top_k=r.topk if r.rule == "mutual_topk" else 0, oracle=r.oracle, clusters_replace=r.clusters.mode == "replace",
                partners_own_relations=ic.relations == "perturbed", mask_prob=ic.mask_prob,
                mask_first=ic.mask_first, pad=ic.pad, erase_prob=ic.erase_prob, erase_fill=ic.erase_fill,
                gsrc_k=gc.k, gsrc_threshold=gc.threshold, gsrc_alpha=gc.alpha, skip_top1=gc.candidates == "skip_top1",
@@ -69,8 +70,9 @@ def in_batch_relations(img: jax.Array, txt: jax.Array, index: jax.Array, options
   """bool [B, B]: the pairs of a batch that the in-batch targets relate.
 
   Sources: the true ids of the pairs (`oracle`, measurement only); otherwise the agreement of both
-  modalities (`losses.agreement_relations`, cosines compared to the thresholds; only the diagonal
-  until `on`), with cluster pseudo ids `pseudo_ids` [N_pad] (-1: none) OR-ed in or replacing it.
+  modalities (`losses.agreement_relations`, cosines compared to the thresholds; with `top_k`, only
+  between mutual top-k neighbours, `losses.mutual_top_k`; only the diagonal until `on`), with cluster
+  pseudo ids `pseudo_ids` [N_pad] (-1: none) OR-ed in or replacing it.
   """
   if options.oracle:
     pids = pair_pids[index]
@@ -78,6 +80,8 @@ def in_batch_relations(img: jax.Array, txt: jax.Array, index: jax.Array, options
   eye = jnp.eye(img.shape[0], dtype=bool)
   related = losses.agreement_relations(img, txt, options.image_threshold, options.text_threshold,
                                        strict=options.strict) & (on | eye)
+  if options.top_k:
+    related &= losses.mutual_top_k(img, txt, options.top_k)
   if pseudo_ids is None:
     return related
   cluster = pseudo_ids[index]
@@ -269,7 +273,7 @@ def relation_counts(aux: dict, index: jax.Array, pair_pids: jax.Array) -> dict[s
   """
   pids = pair_pids[index]
   off_diagonal = ~jnp.eye(pids.shape[0], dtype=bool)
-  same = (pids[:, None] == pids[None, :]) & off_diagonal
+  same = (pids[:, None] == pids[None, :]) & off_diagonal & (pids[:, None] >= 0)  # -1: no id, never the same
   counts = {"rows": jnp.asarray(pids.shape[0])}
   for t in TERMS:
     if t.relations and f"{t.name}_related" in aux:
@@ -277,21 +281,23 @@ def relation_counts(aux: dict, index: jax.Array, pair_pids: jax.Array) -> dict[s
       counts.update({f"{t.name}_pred": pred.sum(), f"{t.name}_hit": (pred & same).sum(), f"{t.name}_same": same.sum()})
     if t.banks and f"{t.name}_rows" in aux:
       valid = aux[f"{t.name}_valid"]
-      hit = valid & (pair_pids[aux[f"{t.name}_rows"]] == pids[:, None])
+      hit = valid & (pair_pids[aux[f"{t.name}_rows"]] == pids[:, None]) & (pids[:, None] >= 0)
       counts.update({f"{t.name}_pred": valid.sum(), f"{t.name}_hit": hit.sum(), f"{t.name}_anchors": valid.any(1).sum(),
                      f"{t.name}_weight": jnp.where(valid, aux[f"{t.name}_edges"], 0.0).sum()})
   return counts
 
 
-def summarize_relations(counts: dict[str, float]) -> dict[str, float]:
-  """Precision/recall (percent) and global-relation figures from summed `relation_counts`."""
+def summarize_relations(counts: dict[str, float], with_ids: bool = True) -> dict[str, float]:
+  """Relations per batch row, precision/recall against the hidden ids (percent; only `with_ids`: a
+  data set without ids cannot measure them) and global-relation figures from summed `relation_counts`."""
   out = {}
   for t in TERMS:
     name = t.name
     if f"{name}_pred" in counts:
       out[f"{name}_relations_per_batch_row"] = counts[f"{name}_pred"] / counts["rows"]
-      out[f"{name}_precision"] = 100.0 * counts[f"{name}_hit"] / max(counts[f"{name}_pred"], 1)
-    if f"{name}_same" in counts:
+      if with_ids:
+        out[f"{name}_precision"] = 100.0 * counts[f"{name}_hit"] / max(counts[f"{name}_pred"], 1)
+    if f"{name}_same" in counts and with_ids:
       out[f"{name}_recall"] = 100.0 * counts[f"{name}_hit"] / max(counts[f"{name}_same"], 1)
   for t in TERMS:
     if t.banks and f"{t.name}_pred" in counts:

@@ -150,10 +150,7 @@ def _float32(tensors: dict) -> dict[str, np.ndarray]:
 def _load_torch(path: str):
   """A PyTorch file's object: a TorchScript archive's state dict, or what `torch.load` reads (tensors
   and plain values only). BadInputError names a file that is neither."""
-  try:
-    import torch
-  except ImportError as e:
-    raise errors.MissingDependencyError(f"reading {path} needs torch (only .safetensors checkpoints are read without it)") from e
+  torch = errors.import_optional("torch", f"reading {path} (only .safetensors checkpoints are read without it)")
   try:
     if _is_torchscript(path):  # OpenAI's release files
       with warnings.catch_warnings():  # TorchScript is deprecated, but these files are TorchScript
@@ -166,7 +163,7 @@ def _load_torch(path: str):
 
 def _state_tensors(obj, path: str) -> dict[str, np.ndarray]:
   """A state dict's tensors as numpy (floating ones float32); BadInputError if it is not one."""
-  import torch
+  torch = errors.import_optional("torch", f"reading {path}")
 
   if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
     raise errors.BadInputError(f"{path} is not a CLIP state dict (a mapping of names to tensors)")

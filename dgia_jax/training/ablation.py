@@ -58,6 +58,8 @@ CODE_SWITCHES: dict[str, dict[str, object]] = {
 }
 ROWS.update({f"full+{name}": {**ROWS["full"], **switch} for name, switch in CODE_SWITCHES.items()})
 ROWS["code"] = {**ROWS["full"], **{k: v for switch in CODE_SWITCHES.values() for k, v in switch.items()}}
+# The relation rule for data without ids (mutual top-k within the batch) beside the paper's, on both recipes.
+ROWS.update({f"{row}+mutual_topk": {**ROWS[row], "relations.rule": "mutual_topk"} for row in ("full", "code")})
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 TIME_FILE = "wall_seconds.json"  # beside each run of the study: its training time, resumes included
 

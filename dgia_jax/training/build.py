@@ -92,7 +92,8 @@ def training(config: ml_collections.ConfigDict, tokenizer, steps_per_epoch: int,
   rows = identity_graph.padded_size(num_pairs, mesh)
   params, start = initial_params(config, model, tokenizer) if pretrained else (None, None)
   state = step_lib.init_state(model, tx, config.seed, rows if objective.banks else 0, mesh, params,
-                              pseudo_rows=rows if config.relations.clusters.enabled else 0, abstract=abstract)
+                              pseudo_rows=rows if config.relations.clusters.enabled else 0, abstract=abstract,
+                              bank_dtype=config.gsrc.bank_dtype)
   train_step = step_lib.make_train_step(objective, tx, schedule, step_lib.shardings(state, mesh), micro_batch)
   return Training(model, tx, schedule, objective, state, train_step, encoding.make_encoders(model, mesh), rows, start)
 

@@ -125,9 +125,11 @@ KEYS: dict[str, Key] = {
                              iasc=BOOL, gsrc=BOOL)),
     **_section("relations", {
         **_keys(image_threshold=COSINE, text_threshold=COSINE, weight=number(), compare=choice(">=", ">"),
+                rule=choice("threshold", "mutual_topk"), topk=integer(1, 1024),
                 oracle=BOOL, start_epoch=EPOCH, clusters__enabled=BOOL, clusters__mode=choice("or", "replace"),
                 clusters__start_epoch=EPOCH, clusters__every_epochs=COUNT, clusters__k1=COUNT, clusters__k2=COUNT,
-                clusters__eps=number(0.0, 1.0, low_open=True), clusters__min_samples=COUNT),
+                clusters__eps=number(0.0, 1.0, low_open=True), clusters__min_samples=COUNT,
+                clusters__ann_threshold=COUNT),
         # What the run does when its relations collapse: a policy, not what is trained.
         **_keys(rerun=True, on_collapse=choice("warn", "stop"), collapse_share=number(0.0, 1.0, low_open=True)),
     }),
@@ -136,7 +138,7 @@ KEYS: dict[str, Key] = {
                              relations=choice("clean", "perturbed"))),
     **_section("gsrc", _keys(k=integer(1, 1024), threshold=COSINE, alpha=PROBABILITY, start_epoch=EPOCH,
                              candidates=choice("exclude_self", "skip_top1"), rows=choice("batch", "batch+bank"),
-                             bank_features=choice("normalised", "raw"))),
+                             bank_features=choice("normalised", "raw"), bank_dtype=choice("float32", "bfloat16"))),
     **_section("train", {
         **_keys(batch_size=COUNT, lr=POSITIVE, min_lr=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE,
                 warmup_factor=number(0.0, 1.0, low_open=True), schedule_per=choice("step", "epoch"),
@@ -230,13 +232,16 @@ RETIRED = {"data.eval_split": None, "eval.test_each_epoch": None,  # now config.
            # False is today's mask_first=False; True (mask the first token of a caption left unmasked)
            # is no rule of today's: kept, so that a rerun names it.
            "iasc.mask_at_least_one": lambda v: {"iasc.mask_first": False} if v is False else {"iasc.mask_at_least_one": v}}
-# Keys added since a run may have been saved, with the value the run behaved as.
-ABSENT = {"data.text_pipeline": "hf"}
+# Keys added since a run may have been saved, with the value the run behaved as
+# (None: the run is taken to have had the value the config has: a key that only matters with another one's
+# new value, or only past sizes the earlier code did not reach.)
+ABSENT = {"data.text_pipeline": "hf", "relations.rule": "threshold", "relations.topk": None, "gsrc.bank_dtype": "float32",
+          "relations.clusters.ann_threshold": None}
 
 
 def _as_today(saved: dict) -> dict:
   """A saved run's config leaves in today's keys (`RETIRED`, `ABSENT`)."""
-  out = dict(ABSENT)
+  out = {k: v for k, v in ABSENT.items() if v is not None}
   for key, value in saved.items():
     if key in RETIRED:
       out.update(RETIRED[key](value) if RETIRED[key] else {})
@@ -248,6 +253,9 @@ def _as_today(saved: dict) -> dict:
 def conflicts(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
   """The keys where `config` differs from a run's `saved` one and a rerun may not change them."""
   old, new = _as_today(leaves(saved)), leaves(config)
+  for key, absent in ABSENT.items():
+    if absent is None and key not in old:
+      new.pop(key, None)
   norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON gives lists)
   out = []
   for key in sorted(set(old) | set(new)):

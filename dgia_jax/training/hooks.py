@@ -56,8 +56,10 @@ class StepLog:
   """
 
   def __init__(self, writer: reporting.MetricWriter, steps_per_epoch: int, start_step: int, total_steps: int,
-               stop_on_nonfinite: bool, batch_size: int = 0, collapse_share: float = 1.0, stop_on_collapse: bool = False):
+               stop_on_nonfinite: bool, batch_size: int = 0, collapse_share: float = 1.0, stop_on_collapse: bool = False,
+               with_ids: bool = True):
     self._writer, self._steps_per_epoch, self._stop = writer, steps_per_epoch, stop_on_nonfinite
+    self._with_ids = with_ids  # the training pairs have person ids to measure relations against
     self._batch_size, self._collapse_share, self._stop_on_collapse = batch_size, collapse_share, stop_on_collapse
     self.bar = reporting.Progress(total_steps, "train", initial=start_step, enabled=writer.enabled)
     self._pending: list[tuple[dict, dict]] = []
@@ -100,7 +102,8 @@ class StepLog:
     sums = {k: float(np.sum([c[k] for _, c in fetched])) for k in fetched[0][1]}
     self._epoch_counts = {k: self._epoch_counts.get(k, 0.0) + v for k, v in sums.items()}
     self._writer.write({"kind": "train", "step": done, "epoch": done / self._steps_per_epoch, **means,
-                        **objective.summarize_relations(sums), "skipped_steps": int(sums["skipped"]), **timing})
+                        **objective.summarize_relations(sums, self._with_ids), "skipped_steps": int(sums["skipped"]),
+                        **timing})
     if means:
       self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
     if sums["skipped"] and self._stop:
@@ -114,7 +117,7 @@ class StepLog:
     in-batch relations per batch row passed `collapse_share` of the batch's other rows, the record
     and the log say the relations collapsed; with `stop_on_collapse` the run stops (CollapseError)."""
     del state
-    relations = objective.summarize_relations(self._epoch_counts)
+    relations = objective.summarize_relations(self._epoch_counts, self._with_ids)
     self._epoch_counts = {}
     if not relations:
       return
@@ -124,7 +127,8 @@ class StepLog:
                  if relations.get(f"{name}_relations_per_batch_row", 0.0) > self._collapse_share * others}
     self._writer.write({"kind": "relations", "step": done, "epoch": epoch, **relations,
                         **({"collapsed": sorted(collapsed)} if collapsed else {})})
-    self.message(f"epoch {epoch} relations (vs hidden ids): {reporting.format_metrics(relations)}")
+    against = "vs hidden ids" if self._with_ids else "the data set has no ids: precision and recall cannot be measured"
+    self.message(f"epoch {epoch} relations ({against}): {reporting.format_metrics(relations)}")
     if collapsed:
       figures = ", ".join(f"{name} {rate:.1f} of the {others} other rows of a batch per row ({100 * rate / others:.0f} %)"
                           for name, rate in collapsed.items())
@@ -177,8 +181,9 @@ def pseudo_identities(encoders, params, split: Split, mesh, ccfg: ml_collections
   img = encoding.extract_image_features(encoders, params, split, mesh, global_batch)
   metrics.require_finite(img, "training image features")
   labels = clustering.cluster_images(img, np.arange(split.num_images), k1=ccfg.k1, k2=ccfg.k2, eps=ccfg.eps,
-                                     min_samples=ccfg.min_samples)
-  quality = {**clustering.label_quality(labels, split.person_ids), "seconds": time.perf_counter() - started}
+                                     min_samples=ccfg.min_samples, ann_threshold=ccfg.ann_threshold)
+  measured = clustering.label_quality(labels, split.person_ids) if split.has_ids else clustering.label_counts(labels)
+  quality = {**measured, "seconds": time.perf_counter() - started}
   return clustering.pair_labels(labels, split.pair_record).astype(np.int32), quality
 
 

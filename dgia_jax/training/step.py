@@ -58,7 +58,7 @@ def shardings(state: TrainState, mesh: Mesh) -> StepShardings:
 
 
 def init_state(model: clip.CLIP, tx: optax.GradientTransformation, seed: int, bank_rows: int, mesh: Mesh,
-               params=None, pseudo_rows: int = 0, abstract: bool = False) -> TrainState:
+               params=None, pseudo_rows: int = 0, abstract: bool = False, bank_dtype: str = "float32") -> TrainState:
   """Parameters (`params`, e.g. pretrained, or a fresh init), optimizer state, (if `bank_rows`)
   an empty memory bank and (if `pseudo_rows`) pseudo ids, all -1 until the first clustering.
   With `abstract`, only their shapes, dtypes and shardings (`jax.ShapeDtypeStruct`s): enough to
@@ -70,7 +70,7 @@ def init_state(model: clip.CLIP, tx: optax.GradientTransformation, seed: int, ba
       images = jnp.zeros((1, *cfg.vision.image_size, 3), jnp.float32)
       tokens = jnp.zeros((1, cfg.text.context_length), jnp.int32)
       params = model.init(jax.random.key(seed), images, tokens)["params"]
-    bank = identity_graph.empty_bank(bank_rows, cfg.embed_dim) if bank_rows else None
+    bank = identity_graph.empty_bank(bank_rows, cfg.embed_dim, bank_dtype) if bank_rows else None
     pseudo_ids = jnp.full((pseudo_rows,), -1, jnp.int32) if pseudo_rows else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), bank=bank,
                       pseudo_ids=pseudo_ids)

@@ -91,6 +91,8 @@ def _train(config: ml_collections.ConfigDict, run: rundir.RunDir, mesh) -> dict:
   order = EpochOrder(train_split.num_pairs, config.train.batch_size, config.seed)
   if order.steps_per_epoch == 0:
     raise errors.ConfigError(f"train.batch_size={config.train.batch_size} exceeds the {train_split.num_pairs} training pairs")
+  if config.relations.oracle and not train_split.has_ids:
+    raise errors.ConfigError(f"relations.oracle relates pairs by their person ids, and {config.data.name} has none")
   if is_main:
     run.write_config(config)  # whole or not at all, after every check
   spe, total_steps = order.steps_per_epoch, config.train.epochs * order.steps_per_epoch
@@ -119,7 +121,7 @@ def _train(config: ml_collections.ConfigDict, run: rundir.RunDir, mesh) -> dict:
                           num_threads=config.data.num_threads)
   log = hooks.StepLog(writer, spe, start_step, total_steps, stop_on_nonfinite=config.train.on_nonfinite == "stop",
                       batch_size=config.train.batch_size, collapse_share=config.relations.collapse_share,
-                      stop_on_collapse=config.relations.on_collapse == "stop")
+                      stop_on_collapse=config.relations.on_collapse == "stop", with_ids=train_split.has_ids)
   recluster = hooks.Recluster(config, built.encoders, train_split, mesh, spe, built.rows, writer, log)
   after_step = [
       hooks.Hook(log.flush, config.train.log_every),
