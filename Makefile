@@ -31,7 +31,8 @@ train: $(RUN_STAMP)
 test: $(DEV_STAMP) browser
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
 
-# The quick tier (a few minutes): every test not marked slow (tests/conftest.py marks those that train).
+# The quick tier (under 3 minutes on 2 cores): the in-process unit tests, every test not marked slow
+# (slow: trains, serves, starts programs or compiles a whole tower or step; tests/conftest.py, pyproject.toml).
 test-fast: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
 
