@@ -60,7 +60,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   if init_config and not os.path.isfile(init_config):
     raise errors.MissingPathError(f"model.init_config={init_config}: no such config file")
   if init_from and not init_config and not os.path.exists(init_from):
-    raise errors.MissingPathError(f"model.init_from={init_from}: no such CLIP checkpoint or dgia-jax training workdir")
+    raise errors.MissingPathError(f"model.init_from={init_from}: no such CLIP checkpoint, field checkpoint or dgia-jax training workdir")
 
 
 def check_rerun(config: ml_collections.ConfigDict, run: rundir.RunDir) -> None:
