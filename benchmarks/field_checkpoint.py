@@ -105,7 +105,7 @@ def main():
   rng = np.random.default_rng(0)
   g_pids = np.concatenate([np.arange(min(IDS, num_images)), rng.integers(0, min(IDS, num_images),
                                                                         max(num_images - IDS, 0))])
-  q_pids = rng.permutation(np.repeat(g_pids, 2))[:num_captions]
+  q_pids = g_pids[rng.permutation(np.resize(np.arange(num_images), num_captions))]  # ~2 captions an image
   images = rng.integers(0, 256, (num_images, HEIGHT, WIDTH, 3), dtype=np.uint8)
   words = "man woman red blue black white coat shirt bag backpack shoes trousers jeans hat long short hair".split()
   captions = [" ".join(rng.choice(words, rng.integers(8, 30))) for _ in range(num_captions)]
