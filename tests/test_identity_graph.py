@@ -1,5 +1,6 @@
 """Global granularity: banks, anchor search, edge reweighting, global loss, and their sharding."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +18,12 @@ def unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+# The bank functions jitted (eagerly, every call of their shard_map is traced and compiled again).
+update_bank = jax.jit(ig.update_bank, static_argnames=("mesh", "normalise"))
+search_neighbours = jax.jit(ig.search_neighbours, static_argnames=("k", "mesh", "skip_top1", "strict", "normalise_rows"))
+gather_rows = jax.jit(ig.gather_rows, static_argnames=("mesh",))
+
+
 @pytest.fixture(scope="module")
 def mesh():
   return parallel.make_mesh()
@@ -25,7 +32,7 @@ def mesh():
 def filled_bank(feats_img, feats_txt, mesh):
   n = len(feats_img)
   bank = ig.empty_bank(ig.padded_size(n, mesh), feats_img.shape[1])
-  return ig.update_bank(bank, jnp.arange(n), jnp.asarray(feats_img), jnp.asarray(feats_txt), 0.9, mesh)
+  return update_bank(bank, jnp.arange(n), jnp.asarray(feats_img), jnp.asarray(feats_txt), 0.9, mesh)
 
 
 # ---- reweight_edges: properties ------------------------------------------------------------
@@ -59,16 +66,23 @@ def test_edge_weights_hand_computed():
   assert np.isneginf(w[0, 2])
 
 
-@pytest.mark.slow  # compiles the whole step
+@jax.jit
+def _global_targets(sims, valid, related):
+  """Edges [B, k], the local target [B, B] and the global target and columns [B, B + B k], in one program."""
+  edges = ig.reweight_edges(sims, valid)
+  local = losses.relation_targets(related, 0.1)
+  return edges, local, *ig.global_targets(local, edges)
+
+
+@pytest.mark.slow  # compiles a program per drawn shape
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**31 - 1))
 def test_anchor_without_neighbours_reduces_to_the_local_target(b, k, seed):
   rng = np.random.default_rng(seed)
   valid = rng.random((b, k)) < 0.5
   valid[0] = False
-  edges = ig.reweight_edges(jnp.asarray(rng.uniform(0.7, 1.0, (b, k)), jnp.float32), jnp.asarray(valid))
-  local = losses.relation_targets(jnp.asarray(rng.random((b, b)) < 0.3), 0.1)
-  target, cols = ig.global_targets(local, edges)
+  edges, local, target, cols = _global_targets(jnp.asarray(rng.uniform(0.7, 1.0, (b, k)), jnp.float32),
+                                               jnp.asarray(valid), jnp.asarray(rng.random((b, b)) < 0.3))
   assert target.shape == (b, b + b * k)
   np.testing.assert_array_equal(target[0, :b], local[0])
   assert np.isneginf(np.asarray(target[0, b:])).all()
@@ -82,18 +96,17 @@ def test_anchor_without_neighbours_reduces_to_the_local_target(b, k, seed):
 # ---- banks and search ------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # compiles the whole step
 def test_bank_first_write_then_ema(mesh):
   rng = np.random.default_rng(0)
   a, b = unit(rng.normal(size=(3, 4))), unit(rng.normal(size=(3, 4)))
   bank = ig.empty_bank(ig.padded_size(5, mesh), 4)
-  bank = ig.update_bank(bank, jnp.array([4, 0, 2]), jnp.asarray(a), jnp.asarray(b), 0.9, mesh)
+  bank = update_bank(bank, jnp.array([4, 0, 2]), jnp.asarray(a), jnp.asarray(b), 0.9, mesh)
   np.testing.assert_array_equal(np.asarray(bank.filled)[:5], [True, False, True, False, True])
   np.testing.assert_allclose(bank.image[4], a[0], rtol=1e-6)
   np.testing.assert_allclose(bank.text[2], b[2], rtol=1e-6)
   assert not np.asarray(bank.image[1]).any()
   c = unit(rng.normal(size=(1, 4)))
-  bank = ig.update_bank(bank, jnp.array([4]), jnp.asarray(c), jnp.asarray(c), 0.9, mesh)
+  bank = update_bank(bank, jnp.array([4]), jnp.asarray(c), jnp.asarray(c), 0.9, mesh)
   np.testing.assert_allclose(bank.image[4], unit(0.9 * c[0] + 0.1 * a[0]), rtol=1e-5)
 
 
@@ -102,7 +115,7 @@ def test_search_skips_itself_and_unfilled_rows_and_thresholds(mesh):
   feats = unit(rng.normal(size=(10, 6)))
   bank = filled_bank(feats[:8], feats[:8], mesh)  # rows 8, 9 never filled
   anchors = feats[[0, 3]]
-  sims, rows, valid = ig.search_neighbours(bank, jnp.asarray(anchors), jnp.array([0, 3]), 3, 0.2, mesh)
+  sims, rows, valid = search_neighbours(bank, jnp.asarray(anchors), jnp.array([0, 3]), 3, 0.2, mesh)
   ref = anchors @ feats[:8].T
   ref[0, 0] = ref[1, 3] = -np.inf
   np.testing.assert_array_equal(rows, np.argsort(-ref, axis=1, kind="stable")[:, :3])
@@ -115,7 +128,7 @@ def test_gather_rows_returns_bank_features(mesh):
   img, txt = unit(rng.normal(size=(7, 4))), unit(rng.normal(size=(7, 4)))
   bank = filled_bank(img, txt, mesh)
   rows = jnp.array([[6, 0], [3, 3]])
-  g_img, g_txt = ig.gather_rows(bank, rows, mesh)
+  g_img, g_txt = gather_rows(bank, rows, mesh)
   np.testing.assert_allclose(g_img, img[np.asarray(rows)], rtol=1e-6)
   np.testing.assert_allclose(g_txt, txt[np.asarray(rows)], rtol=1e-6)
 
@@ -163,7 +176,7 @@ unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
 bank_img, bank_txt = unit(rng.normal(size=(n, d))).astype(np.float32), unit(rng.normal(size=(n, d))).astype(np.float32)
 bank = ig.empty_bank(ig.padded_size(n, mesh), d)
 bank = jax.device_put(bank, parallel.data_sharding(mesh))
-bank = ig.update_bank(bank, jnp.arange(n), jnp.asarray(bank_img), jnp.asarray(bank_txt), 0.9, mesh)
+bank = jax.jit(lambda bank, i, t: ig.update_bank(bank, jnp.arange(n), i, t, 0.9, mesh))(bank, bank_img, bank_txt)
 index = jnp.asarray(rng.choice(n, b, replace=False))
 img = jnp.asarray(unit(bank_img[np.asarray(index)] + 0.3 * rng.normal(size=(b, d))), jnp.float32)
 txt = jnp.asarray(unit(rng.normal(size=(b, d))), jnp.float32)
@@ -194,9 +207,9 @@ def code_step(bank, img, txt, index):  # the reference code's variant: ranks 2-4
 padded = ig.padded_size(n, mesh)
 out = {}
 for name, fn in (("", step), ("code_", code_step)):
-  jitted = jax.jit(fn)
-  sims, rows, valid, loss, grads, new = jitted(bank, img, txt, index)
-  hlo = jitted.lower(bank, img, txt, index).compile().as_text()
+  compiled = jax.jit(fn).lower(bank, img, txt, index).compile()  # run, and its program read
+  sims, rows, valid, loss, grads, new = compiled(bank, img, txt, index)
+  hlo = compiled.as_text()
   gathers = [l for l in hlo.splitlines() if "all-gather" in l and "=" in l]
   assert not any(f"[{padded},{d}]" in l for l in gathers), gathers
   out.update({name + key: value for key, value in dict(
@@ -224,15 +237,14 @@ def test_sharded_search_loss_grads_and_update_equal_one_device(tmp_path):
     assert one[mode + "valid"].any() and not one[mode + "valid"].all()
 
 
-@pytest.mark.slow  # compiles the bank update and search in two dtypes
 def test_bfloat16_banks_take_half_the_memory_and_compute_in_float32(mesh):
   rng = np.random.default_rng(3)
   img, txt = unit(rng.normal(size=(12, 8))), unit(rng.normal(size=(12, 8)))
   rows = ig.padded_size(12, mesh)
   banks = {}
   for dtype in ("float32", "bfloat16"):
-    bank = ig.update_bank(ig.empty_bank(rows, 8, dtype), jnp.arange(12), jnp.asarray(img), jnp.asarray(txt), 0.9, mesh)
-    banks[dtype] = ig.update_bank(bank, jnp.array([2, 5]), jnp.asarray(txt[:2]), jnp.asarray(img[:2]), 0.9, mesh)
+    bank = update_bank(ig.empty_bank(rows, 8, dtype), jnp.arange(12), jnp.asarray(img), jnp.asarray(txt), 0.9, mesh)
+    banks[dtype] = update_bank(bank, jnp.array([2, 5]), jnp.asarray(txt[:2]), jnp.asarray(img[:2]), 0.9, mesh)
   b32, b16 = banks["float32"], banks["bfloat16"]
   assert b16.image.dtype == jnp.bfloat16 and b16.image.nbytes * 2 == b32.image.nbytes
   # The running mean is taken in float32 from the widened rows and rounded once as it is stored.
@@ -241,13 +253,13 @@ def test_bfloat16_banks_take_half_the_memory_and_compute_in_float32(mesh):
   expected = np.asarray(jnp.asarray(unit(mixed)).astype(jnp.bfloat16), np.float32)
   np.testing.assert_allclose(np.asarray(b16.image, np.float32)[[2, 5]], expected, rtol=1e-2, atol=1e-3)
   anchors, index = jnp.asarray(img[[0, 7]]), jnp.array([0, 7])
-  s32, r32, v32 = ig.search_neighbours(b32, anchors, index, 3, 0.0, mesh)
-  s16, r16, v16 = ig.search_neighbours(b16, anchors, index, 3, 0.0, mesh)
+  s32, r32, v32 = search_neighbours(b32, anchors, index, 3, 0.0, mesh)
+  s16, r16, v16 = search_neighbours(b16, anchors, index, 3, 0.0, mesh)
   stored = np.asarray(b16.image, np.float32)
   assert s16.dtype == jnp.float32
   np.testing.assert_allclose(s16, np.take_along_axis(np.asarray(anchors) @ stored.T, np.asarray(r16), 1), rtol=1e-6)
   assert np.abs(np.asarray(s16) - np.asarray(s32)).max() < 2e-2
-  g_img, g_txt = ig.gather_rows(b16, r16, mesh)
+  g_img, g_txt = gather_rows(b16, r16, mesh)
   assert g_img.dtype == g_txt.dtype == jnp.float32
   np.testing.assert_array_equal(g_img, stored[np.asarray(r16)])
 
@@ -257,7 +269,6 @@ import re
 import jax, jax.numpy as jnp
 from dgia_jax.common import parallel
 from dgia_jax.method import identity_graph
-from dgia_jax.models import presets
 from dgia_jax.training import build
 from tests import helpers
 
@@ -266,9 +277,9 @@ class Tokenizer:
 
 mesh = parallel.make_mesh()
 data = parallel.data_sharding(mesh)
-for n, dtype in ((68_126, "float32"), (5_000_000, "bfloat16"), (5_000_000, "float32")):
+for n, dtype in ((68_126, "bfloat16"), (5_000_000, "float32")):  # both ends, both storage dtypes
   c = helpers.tiny_config("unused")
-  c.model, c.model.embed_dim = presets.small(), 512
+  c.model.embed_dim = 512  # the banks' width; the towers stay the tiny ones (what is checked is the banks)
   c.data.context_length, c.data.image_size, c.train.batch_size, c.gsrc.bank_dtype = 16, (32, 16), 16, dtype
   c.relations.start_epoch = c.gsrc.start_epoch = 1
   c.relations.clusters.enabled = True
@@ -290,6 +301,6 @@ for n, dtype in ((68_126, "float32"), (5_000_000, "bfloat16"), (5_000_000, "floa
 @pytest.mark.slow
 def test_the_step_holds_no_bank_sized_array_on_one_device_at_millions_of_rows():
   """The compiled step (8 devices; banks, filled flags, pseudo ids and pair ids sharded along N) has
-  no array with all N_pad rows, from CUHK-PEDES's 68 k pairs to 5 M, in both storage dtypes."""
+  no array with all N_pad rows, at CUHK-PEDES's 68 k pairs and at 5 M, in both storage dtypes."""
   proc = helpers.run_python(_AT_MILLIONS, devices=8)
-  assert proc.stdout.count(" ok") == 3, proc.stdout
+  assert proc.stdout.count(" ok") == 2, proc.stdout

@@ -15,6 +15,19 @@ from dgia_jax.training import step as step_lib
 pytestmark = pytest.mark.slow  # trains or starts programs
 
 
+# One training build (a traced and compiled step) per config, shared by the tests here: the
+# step donates its state, so each call starts from a host copy of the initial one.
+_BUILT: dict[str, tuple] = {}
+
+
+def _built(cfg, tokenizer, split, order, mesh):
+  key = cfg.to_json()
+  if key not in _BUILT:
+    built = build.training(cfg, tokenizer, order.steps_per_epoch, split.num_pairs, mesh)
+    _BUILT[key] = built, jax.device_get(built.state), step_lib.shardings(built.state, mesh)
+  return _BUILT[key]
+
+
 def _one_step(cfg, pair_pids_of, pseudo_ids_of=None):
   """Parameters and counts after one step of the tiny config's second epoch (all losses on).
 
@@ -23,18 +36,17 @@ def _one_step(cfg, pair_pids_of, pseudo_ids_of=None):
   tokenizer, splits = datasets.load(cfg.data, ("train",))
   split = splits["train"]
   order = pipeline.EpochOrder(split.num_pairs, cfg.train.batch_size, cfg.seed)
-  built = build.training(cfg, tokenizer, order.steps_per_epoch, split.num_pairs, mesh)
-  state = built.state
+  built, initial, layout = _built(cfg, tokenizer, split, order, mesh)
+  state = jax.device_put(initial, layout.state)
   rows = state.bank.size
   if pseudo_ids_of is not None:
     pseudo = np.full(rows, -1, np.int32)
     pseudo[:split.num_pairs] = pseudo_ids_of(split)
-    state = state.replace(pseudo_ids=jnp.asarray(pseudo))
-    built.step = step_lib.make_train_step(built.objective, built.tx, built.schedule, step_lib.shardings(state, mesh))
+    state = state.replace(pseudo_ids=jax.device_put(pseudo, layout.state.pseudo_ids))
   pids = np.full(rows, -1, np.int32)
   pids[:split.num_pairs] = pair_pids_of(split)
   start = order.steps_per_epoch  # epoch 2: the global loss is on
-  state = state.replace(step=jnp.asarray(start, jnp.int32))
+  state = state.replace(step=jax.device_put(np.int32(start), layout.state.step))
   batches = pipeline.train_batches(split, order, start_step=start, end_step=start + 2, num_threads=2)
   for batch in batches:
     state, metrics, counts = built.step(state, parallel.to_global(batch, mesh), jnp.asarray(pids))
@@ -82,8 +94,8 @@ def _relation_aux(cfg):
   params = model.init(jax.random.key(0), np.zeros((1, *cfg.data.image_size, 3), np.float32),
                       np.zeros((1, cfg.data.context_length), np.int32))["params"]
   obj = objective.Objective.from_config(cfg, model, tokenizer.mask_id, order.steps_per_epoch, mesh)
-  _, _, aux = obj(params, jax.tree.map(jnp.asarray, batch), jnp.int32(0), pair_pids=jnp.asarray(split.pair_person_ids))
-  return aux
+  aux_of = jax.jit(lambda p, b, pids: obj(p, b, jnp.int32(0), pair_pids=pids)[2])
+  return aux_of(params, jax.tree.map(jnp.asarray, batch), jnp.asarray(split.pair_person_ids))
 
 
 def test_perturbed_partners_take_the_clean_pairs_relations_or_their_own(tiny_config):

@@ -147,7 +147,10 @@ def _memory_case(rng, b, n, d, own_not_first=()):
   return i_feats, t_feats, memory_img, memory_txt
 
 
-@pytest.mark.slow  # compiles the whole step per case
+# The bank update jitted (eagerly, every call of its shard_map is traced and compiled again).
+_update_bank = jax.jit(identity_graph.update_bank, static_argnames=("mesh", "normalise"))
+
+
 @pytest.mark.parametrize("case", ["some", "none", "all", "own_row_not_first"])
 def test_reference_code_memory_loss(case):
   rng = np.random.default_rng(["some", "none", "all", "own_row_not_first"].index(case))
@@ -162,11 +165,10 @@ def test_reference_code_memory_loss(case):
   obj, _ = _benchmark_objective(("gsrc",), b, gsrc=dict(threshold=threshold))
   mesh = obj.mesh
   bank = identity_graph.empty_bank(identity_graph.padded_size(n, mesh), d)
-  bank = identity_graph.update_bank(bank, jnp.arange(n), jnp.asarray(memory_img), jnp.asarray(memory_txt), 0.9, mesh,
-                                    normalise=False)
+  bank = _update_bank(bank, jnp.arange(n), jnp.asarray(memory_img), jnp.asarray(memory_txt), 0.9, mesh, normalise=False)
   emb = {"img": clip.l2_normalize(jnp.asarray(i_feats)), "txt": clip.l2_normalize(jnp.asarray(t_feats)),
          "raw_img": jnp.asarray(i_feats), "raw_txt": jnp.asarray(t_feats)}
-  _, terms, aux = obj.loss(emb, _batch(b), jnp.int32(0), bank=bank)
+  _, terms, aux = jax.jit(obj.loss)(emb, _batch(b), jnp.int32(0), bank)  # eagerly, its shard_maps compile per call
   assert int(np.asarray(aux["gsrc_valid"]).sum()) == picked
   if case == "own_row_not_first":  # rank 1 is skipped whatever it is: the pair's own row is then a candidate
     rows = np.asarray(aux["gsrc_rows"])
@@ -174,7 +176,6 @@ def test_reference_code_memory_loss(case):
   assert float(terms["gsrc"]) == pytest.approx(expected, abs=1e-5)
 
 
-@pytest.mark.slow  # compiles the whole step
 def test_reference_code_bank_update_is_a_raw_running_mean():
   rng = np.random.default_rng(0)
   obj, _ = _benchmark_objective(("gsrc",), 4)
@@ -182,9 +183,9 @@ def test_reference_code_bank_update_is_a_raw_running_mean():
   old = rng.normal(size=(6, 16)).astype(np.float32) * 4
   new = rng.normal(size=(4, 16)).astype(np.float32) * 3
   bank = identity_graph.empty_bank(6, 16)
-  bank = identity_graph.update_bank(bank, jnp.arange(6), jnp.asarray(old), jnp.asarray(old), 0.9, mesh, normalise=False)
+  bank = _update_bank(bank, jnp.arange(6), jnp.asarray(old), jnp.asarray(old), 0.9, mesh, normalise=False)
   aux = {"raw_img": jnp.asarray(new), "raw_txt": jnp.asarray(new)}
-  updated = obj.update_bank(bank, {"index": jnp.array([0, 2, 3, 5])}, aux)
+  updated = jax.jit(obj.update_bank)(bank, {"index": jnp.array([0, 2, 3, 5])}, aux)
   expected = old.copy()
   expected[[0, 2, 3, 5]] = 0.9 * new + 0.1 * old[[0, 2, 3, 5]]  # the code's b <- 0.9 f + 0.1 b, not renormalised
   np.testing.assert_allclose(updated.image, expected, rtol=1e-6)
