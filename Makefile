@@ -29,7 +29,7 @@ train: $(RUN_STAMP)
 	$(BIN)/python -m dgia_jax.main --config configs/default.py --workdir runs/default
 
 test: $(DEV_STAMP) browser
-	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --durations=30 tests
 
 # The quick tier (under 3 minutes on 2 cores): the in-process unit tests, every test not marked slow
 # (slow: trains, serves, starts programs or compiles a whole tower or step; tests/conftest.py, pyproject.toml).
