@@ -20,7 +20,8 @@ def unit(x):
 
 # The bank functions jitted (eagerly, every call of their shard_map is traced and compiled again).
 update_bank = jax.jit(ig.update_bank, static_argnames=("mesh", "normalise"))
-search_neighbours = jax.jit(ig.search_neighbours, static_argnames=("k", "mesh", "skip_top1", "strict", "normalise_rows"))
+search_neighbours = jax.jit(ig.search_neighbours,
+                            static_argnames=("k", "mesh", "skip_top1", "strict", "normalise_rows", "block_rows"))
 gather_rows = jax.jit(ig.gather_rows, static_argnames=("mesh",))
 
 
@@ -262,6 +263,37 @@ def test_bfloat16_banks_take_half_the_memory_and_compute_in_float32(mesh):
   g_img, g_txt = gather_rows(b16, r16, mesh)
   assert g_img.dtype == g_txt.dtype == jnp.float32
   np.testing.assert_array_equal(g_img, stored[np.asarray(r16)])
+
+
+@pytest.mark.parametrize("skip_top1", [False, True])
+def test_a_bfloat16_bank_searched_in_blocks_finds_what_the_whole_shard_search_finds(mesh, skip_top1):
+  """37 rows in blocks of 8: four whole blocks and a last one overlapping the fourth (rows 29-36)."""
+  rng = np.random.default_rng(5)
+  feats = unit(rng.normal(size=(37, 16)))
+  feats[30] = feats[3]  # a tie between rows of two blocks: the lower row first, as a whole-shard top-k
+  bank = update_bank(ig.empty_bank(ig.padded_size(37, mesh), 16, "bfloat16"), jnp.arange(37), jnp.asarray(feats),
+                     jnp.asarray(feats), 0.9, mesh)
+  anchors, index = jnp.asarray(unit(feats[[3, 12, 33]] + 0.1 * rng.normal(size=(3, 16)))), jnp.array([3, 12, 33])
+  whole = search_neighbours(bank, anchors, index, 4, 0.1, mesh, skip_top1=skip_top1)
+  blocks = search_neighbours(bank, anchors, index, 4, 0.1, mesh, skip_top1=skip_top1, block_rows=8)
+  for a, b in zip(whole, blocks):
+    np.testing.assert_array_equal(a, b)
+  assert np.asarray(whole[2]).any()
+
+
+def test_a_bfloat16_bank_is_never_widened_whole_by_the_search_or_the_update(mesh):
+  """XLA's CPU backend widens a bfloat16 operand of a gather, scatter or slice whole to float32 (the
+  search and the update, each 2 × a float32 bank in temporaries before): the compiled search holds
+  less than one float32 bank, the update at most the two banks' bits."""
+  rows, dim = 1 << 20, 64
+  f32_bank = rows * dim * 4
+  bank = ig.MemoryBank(*(jax.ShapeDtypeStruct((rows, dim), jnp.bfloat16) for _ in range(2)),
+                       jax.ShapeDtypeStruct((rows,), jnp.bool_))
+  feats, index = jax.ShapeDtypeStruct((64, dim), jnp.float32), jax.ShapeDtypeStruct((64,), jnp.int32)
+  search = jax.jit(lambda b, a, i: ig.search_neighbours(b, a, i, 3, 0.7, mesh)).lower(bank, feats, index)
+  assert search.compile().memory_analysis().temp_size_in_bytes < 0.7 * f32_bank  # measured: 0.63 (the bits, a block)
+  update = jax.jit(lambda b, i, x: ig.update_bank(b, i, x, x, 0.9, mesh), donate_argnums=0).lower(bank, index, feats)
+  assert update.compile().memory_analysis().temp_size_in_bytes <= 1.05 * f32_bank
 
 
 _AT_MILLIONS = """
