@@ -65,9 +65,14 @@ def _bits(bank_rows: jax.Array) -> jax.Array:
   return bank_rows if bank_rows.dtype == jnp.float32 else jax.lax.bitcast_convert_type(bank_rows, jnp.uint16)
 
 
+def _from_bits(bits: jax.Array, dtype) -> jax.Array:
+  """The inverse of `_bits` for a bank of `dtype`."""
+  return bits if dtype == jnp.float32 else jax.lax.bitcast_convert_type(bits, dtype)
+
+
 def _widened(bits: jax.Array, dtype) -> jax.Array:
   """float32 rows from `_bits` of a bank of `dtype`."""
-  return bits if dtype == jnp.float32 else jax.lax.bitcast_convert_type(bits, dtype).astype(jnp.float32)
+  return _from_bits(bits, dtype).astype(jnp.float32)
 
 
 def update_bank(bank: MemoryBank, index: jax.Array, img: jax.Array, txt: jax.Array, alpha: float,
@@ -92,8 +97,7 @@ def update_bank(bank: MemoryBank, index: jax.Array, img: jax.Array, txt: jax.Arr
       mixed = jnp.where(seen, alpha * new + (1.0 - alpha) * old, new)
       if normalise:
         mixed = mixed / jnp.maximum(jnp.linalg.norm(mixed, axis=-1, keepdims=True), 1e-12)
-      bits = bits.at[rows].set(_bits(mixed.astype(bank_rows.dtype)), mode="drop")
-      return bits if bank_rows.dtype == jnp.float32 else jax.lax.bitcast_convert_type(bits, bank_rows.dtype)
+      return _from_bits(bits.at[rows].set(_bits(mixed.astype(bank_rows.dtype)), mode="drop"), bank_rows.dtype)
 
     return ema(image, img), ema(text, txt), filled.at[rows].set(True, mode="drop")
 
@@ -149,9 +153,7 @@ def search_neighbours(bank: MemoryBank, anchors: jax.Array, index: jax.Array, k:
     if image.dtype == jnp.float32 or n <= block_rows:
       vals, rows = block_top(image.astype(jnp.float32), filled, anchors, index, offset, jnp.arange(n), 0)
     else:  # blocks of block_rows rows; the last one ends at the shard's end, overlapping the one before
-      starts = jnp.arange(-(-n // block_rows)) * block_rows
-
-      bits = _bits(image)
+      starts, bits = jnp.arange(-(-n // block_rows)) * block_rows, _bits(image)
 
       def one(start):
         at = jnp.minimum(start, n - block_rows)
