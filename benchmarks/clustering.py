@@ -8,10 +8,10 @@ image bank has one row per image-caption pair, ~6.2 per id). Ours is
 SpCL / cluster-contrast / ICPG compute them) followed by DBSCAN on the dense matrix. It runs
 at the largest N whose two N × N float32 matrices (its peak: V with its query
 expansion, then V with the distances) fit `--dense_gb`, and ours runs at that
-N too for the ratios and the agreement of the two labelings (ARI).
+N too for the ratios and the agreement of the two labelings (ARI, each outlier a cluster of its own).
 
-Past `relations.clusters.ann_threshold` the k-NN graph comes from FAISS's HNSW graph instead of the
-exact search ("ann"): it runs at `--ann_sizes` (past CUHK-PEDES, ~6.2 points per id as in its pair
+Past `relations.clusters.ann_threshold` the k-NN graph comes from an inverted-file search over three
+independent k-means partitions instead of the exact search ("ann"): it runs at `--ann_sizes` (past CUHK-PEDES, ~6.2 points per id as in its pair
 bank), and at the first of them beside the exact path too, for the agreement of the two labelings.
 
 Every run is a fresh process, so each peak RSS is that run's own. Prints one JSON line.
@@ -125,7 +125,7 @@ def peak_rss_gb() -> float:
 
 
 def run_one(method: str, n: int, labels_path: str) -> dict:
-  """Clusters N synthetic points with `method` in this process: 'sparse' (exact k-NN), 'ann' (HNSW k-NN)
+  """Clusters N synthetic points with `method` in this process: 'sparse' (exact k-NN), 'ann' (partitioned k-NN)
   or 'dense' (the field's reference)."""
   from sklearn.cluster import DBSCAN
 
@@ -163,7 +163,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--sizes", default=f"{NUM_IMAGES},{NUM_PAIRS}")
   parser.add_argument("--dense_gb", type=float, default=6.0, help="memory for the dense reference's matrices")
-  parser.add_argument("--ann_sizes", default=f"{NUM_PAIRS},1000000", help="sizes clustered with the HNSW k-NN graph")
+  parser.add_argument("--ann_sizes", default=f"{NUM_PAIRS},1000000", help="sizes clustered with the partitioned (approximate) k-NN graph")
   parser.add_argument("--run", choices=("sparse", "ann", "dense"), help=argparse.SUPPRESS)
   parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--labels", help=argparse.SUPPRESS)
@@ -174,20 +174,24 @@ def main():
 
   from sklearn import metrics
 
+  from dgia_jax.method import clustering
+
   with tempfile.TemporaryDirectory() as tmp:
     path = lambda name: os.path.join(tmp, f"{name}.npy")  # noqa: E731
     sparse = [in_fresh_process("sparse", int(n), path(f"sparse{n}")) for n in args.sizes.split(",")]
     n_dense = dense_size(args.dense_gb)
     dense = in_fresh_process("dense", n_dense, path("dense"))
     same_n = in_fresh_process("sparse", n_dense, path("same_n"))
-    agreement = metrics.adjusted_rand_score(np.load(path("dense")), np.load(path("same_n")))
+    agreement = metrics.adjusted_rand_score(*(clustering.outliers_as_singletons(np.load(path(name)))
+                                              for name in ("dense", "same_n")))
     ann = []
     for n in map(int, args.ann_sizes.split(",")):
       ann.append(in_fresh_process("ann", n, path(f"ann{n}")))
       print(json.dumps(ann[-1]), file=sys.stderr, flush=True)
     n_both = int(args.ann_sizes.split(",")[0])
     exact = next((r for r in sparse if r["n"] == n_both), None) or in_fresh_process("sparse", n_both, path(f"sparse{n_both}"))
-    ann_vs_exact = metrics.adjusted_rand_score(np.load(path(f"sparse{n_both}")), np.load(path(f"ann{n_both}")))
+    ann_vs_exact = metrics.adjusted_rand_score(*(clustering.outliers_as_singletons(np.load(path(f"{name}{n_both}")))
+                                                 for name in ("sparse", "ann")))
   largest = max(sparse, key=lambda r: r["n"])
   print(json.dumps({
       "benchmark": "clustering", "dim": DIM, "noise": NOISE, "cpus": os.cpu_count(),

@@ -85,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
       # 0.2% on an ITC model's features). Smaller neighbourhoods (measured: pair precision 25%,
       # ~440 clusters, 41% outliers) fit this set.
       k1=8, k2=2, eps=0.45, min_samples=2,
-      # Images past which the k-NN graph is approximate (FAISS's HNSW; faiss-cpu), not exact (O(N²)).
+      # Images past which the k-NN graph is approximate (k-means partitions; docs/SCALE.md), not exact (O(N²)).
       ann_threshold=200_000))
 
   # Information-asymmetric partners (IASC-CL).
