@@ -129,7 +129,7 @@ def measure_eval(params, batch: int, fraction: float, attention: str) -> tuple[f
   as every later epoch's evaluation in a run)."""
   config = _config(batch, attention)
   mesh = parallel.make_mesh()
-  enc_img, enc_txt = encoding.make_encoders(rebuild.build_model(config, _ClipTokenizer), mesh)
+  enc_img, enc_txt, _ = encoding.make_encoders(rebuild.build_model(config, _ClipTokenizer), mesh)
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, size=(batch, 384, 128, 3), dtype=np.uint8)
   tokens = _tokens(rng, batch)
