@@ -120,10 +120,11 @@ def _partition_neighbours(x: np.ndarray, k: int, cell_points: int, probe: int, s
   idx, sims = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
   for c in np.flatnonzero(np.diff(home_bounds)):
     candidates = np.sort(stored[stored_bounds[c]:stored_bounds[c + 1]])
-    for j in np.argsort(-(centroids @ centroids[c]), kind="stable"):
-      if len(candidates) >= k:
-        break
-      candidates = np.union1d(candidates, home[home_bounds[j]:home_bounds[j + 1]])  # few rows here: the nearest cells'
+    if len(candidates) < k:  # few rows stored here: add the nearest cells' own rows, nearest first
+      for j in np.argsort(-(centroids @ centroids[c]), kind="stable"):
+        candidates = np.union1d(candidates, home[home_bounds[j]:home_bounds[j + 1]])
+        if len(candidates) >= k:
+          break
     rows, gallery = home[home_bounds[c]:home_bounds[c + 1]], x[candidates].T
     for start in range(0, len(rows), block):
       block_sims = x[rows[start:start + block]] @ gallery
