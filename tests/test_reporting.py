@@ -54,3 +54,33 @@ assert "torch" not in sys.modules
 import torch  # hidden only while tensorboardX was imported
 assert torch.zeros(1).shape == (1,)
 """)
+
+
+def test_curves_are_redrawn_when_records_changed_and_at_most_every_interval_before_the_end(tmp_path, monkeypatch):
+  drawn = []
+  monkeypatch.setattr(reporting, "plot_curves", lambda records, path, title: drawn.append(len(records)))
+  clock = [100.0]
+  monkeypatch.setattr(reporting.time, "monotonic", lambda: clock[0])
+  curves = reporting.Curves(str(tmp_path / "curves.png"), "run", every_seconds=30)
+  records = [{"kind": "train", "step": 1, "loss": 2.0}]
+  curves.draw(records)  # within 30 s of the start: not yet
+  clock[0] += 31
+  curves.draw(records)
+  records.append({"kind": "train", "step": 2, "loss": 1.0})
+  clock[0] += 10
+  curves.draw(records)  # 10 s after the last drawing
+  curves.draw(records, end=True)  # the end: drawn whatever the interval
+  curves.draw(records, end=True)  # nothing new
+  clock[0] += 100
+  curves.draw(records)
+  assert drawn == [1, 2]
+
+
+def test_curves_png_of_records_with_and_without_evaluations(tmp_path):
+  records = [{"kind": "train", "step": s, "loss": 5.0 / s, "loss_itc": 0.0} for s in range(1, 6)]
+  for name, extra in (("train_only", []), ("with_eval", [{"kind": "eval", "step": 5, "epoch": 1, "split": "val",
+                                                           "t2i": {"R1": 50.0, "mAP": 40.0}}])):
+    path = str(tmp_path / f"{name}.png")
+    reporting.Curves(path, "run", every_seconds=0).draw(records + extra)
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"

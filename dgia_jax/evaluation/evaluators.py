@@ -103,7 +103,7 @@ class Evaluations:
   def __init__(self, config: ml_collections.ConfigDict, run: rundir.RunDir, encoders, evaluators: list,
                splits: dict[str, Split], mesh, writer: reporting.MetricWriter):
     self.evaluators, self._splits = evaluators, splits
-    self._config, self._run, self._encoders, self._mesh, self._writer = config, run, encoders, mesh, writer
+    self._config, self._encoders, self._mesh, self._writer = config, encoders, mesh, writer
     names = [e.name for e in evaluators]
     ecfg = config.eval
     self.policy = BestEpoch(ecfg.select, ecfg.select_metric) if ecfg.select in names else None
@@ -113,6 +113,7 @@ class Evaluations:
     self.report = next(e for e in evaluators if e.name == ecfg.report)
     # The newest two best epochs: if the newest is damaged, evaluate/export/search fall back to the other.
     self._best = checkpointing.Checkpointer(run.best, 1, 2, async_save=False)
+    self.curves = reporting.Curves(run.curves, title=config.get("name", ""))
 
   def records(self, evaluator=None) -> list[dict]:
     return [r for r in self._writer.of_kind("eval") if evaluator is None or r["split"] == evaluator.name]
@@ -151,7 +152,7 @@ class Evaluations:
       if "diverged" in record:
         diverged.append(f"{evaluator.name}: {record['diverged']}")
     if jax.process_index() == 0:
-      reporting.plot_curves(self._writer.records, self._run.curves, title=self._config.get("name", ""))
+      self.curves.draw(self._writer.records)
     if diverged and self._config.train.on_nonfinite == "stop":
       raise errors.NonFiniteError(f"the model diverged by epoch {epoch} (step {step}): {'; '.join(diverged)}; it is "
                                   "never selected as best. Set --config.train.on_nonfinite=skip to go on regardless.")

@@ -174,6 +174,6 @@ def _train(config: ml_collections.ConfigDict, run: rundir.RunDir, mesh) -> dict:
   }
   if is_main:
     files.write_json(run.results, results)
-    reporting.plot_curves(writer.records, run.curves, title=config.get("name", ""))
+    evaluation.curves.draw(writer.records, end=True)
   evaluation.close()
   return results
