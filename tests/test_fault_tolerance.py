@@ -326,7 +326,7 @@ import sys
 import numpy as np
 from dgia_jax.run import checkpointing
 ckpt = checkpointing.Checkpointer(sys.argv[1], 1, 2)
-for step in range(1, 400):
+for step in range(1, 120):
   ckpt.save(step, {"params": {"w": np.full((64, 64), step, np.float32)}}, force=True)
 ckpt.close()
 """
