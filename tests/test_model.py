@@ -17,7 +17,7 @@ def small():
   p.text.update(dict(width=32, layers=2, heads=2))
   p.embed_dim = 24
   model = _model(p)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 16, 3)), jnp.zeros((1, 16), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 16, 3)), jnp.zeros((1, 16), jnp.int32))["params"]
   return model, params
 
 
@@ -49,7 +49,7 @@ def test_pedestrian_input_size_sets_the_position_grid():
 def test_outputs_are_l2_normalised(small):
   model, params = small
   rng = np.random.default_rng(0)
-  img, txt = model.apply({"params": params}, jnp.asarray(rng.normal(size=(3, 32, 16, 3)), jnp.float32),
+  img, txt = jax.jit(model.apply)({"params": params}, jnp.asarray(rng.normal(size=(3, 32, 16, 3)), jnp.float32),
                          jnp.asarray(rng.integers(4, 100, size=(3, 16)), jnp.int32))
   assert img.shape == (3, 24) and txt.shape == (3, 24)
   np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
@@ -59,7 +59,7 @@ def test_outputs_are_l2_normalised(small):
 @pytest.mark.slow  # compiles both towers
 def test_text_feature_is_read_at_end_of_text_and_is_causal(small):
   model, params = small
-  enc = lambda t: model.apply({"params": params}, jnp.asarray(t, jnp.int32), method=clip.CLIP.encode_text)  # noqa: E731
+  enc = jax.jit(lambda t: model.apply({"params": params}, jnp.asarray(t, jnp.int32), method=clip.CLIP.encode_text))
   base = np.array([[1, 10, 11, 12, 3] + [0] * 11])
   after = base.copy()
   after[0, 6:9] = [50, 51, 52]  # tokens after EOT must not matter (causal attention)
@@ -76,12 +76,12 @@ def test_block_computing_one_row_per_sequence_matches_the_full_block(causal):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(4, 7, 16)), jnp.float32)
   index = jnp.asarray([0, 6, 3, 5], jnp.int32)
-  params = block.init(jax.random.key(0), x)["params"]
+  params = jax.jit(block.init)(jax.random.key(0), x)["params"]
   full = lambda p: block.apply({"params": p}, x)[jnp.arange(4), index]  # noqa: E731
   rows = lambda p: block.apply({"params": p}, x, index)  # noqa: E731
-  np.testing.assert_allclose(rows(params), full(params), atol=1e-5)
+  np.testing.assert_allclose(jax.jit(rows)(params), jax.jit(full)(params), atol=1e-5)
   weights = jnp.asarray(rng.normal(size=(4, 16)), jnp.float32)
-  grads = [jax.grad(lambda p, f=f: jnp.sum(f(p) * weights))(params) for f in (full, rows)]
+  grads = [jax.jit(jax.grad(lambda p, f=f: jnp.sum(f(p) * weights)))(params) for f in (full, rows)]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
 
 
@@ -96,8 +96,9 @@ def test_padded_attention_matches_unpadded_attention(causal, length):
   weights = jnp.asarray(rng.normal(size=(3, length, 2, 8)), jnp.float32)
   plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
   padded = lambda q, k, v: clip.padded_attention(q, k, v, causal, None)  # noqa: E731
-  np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), atol=1e-6)
-  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v) for f in (plain, padded)]
+  np.testing.assert_allclose(jax.jit(padded)(q, k, v), jax.jit(plain)(q, k, v), atol=1e-6)
+  grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2)))(q, k, v)
+           for f in (plain, padded)]
   for a, b in zip(*grads):
     np.testing.assert_allclose(b, a, atol=1e-5)
 
@@ -113,8 +114,8 @@ def test_cudnn_attention_off_a_gpu_gives_the_xla_features():
   p.attention = "cudnn"
   cudnn = _model(p)
   assert cudnn.cfg.attention == "cudnn" and jax.default_backend() != "gpu"
-  params = xla.init(jax.random.key(0), images, tokens)
-  for a, b in zip(xla.apply(params, images, tokens), cudnn.apply(params, images, tokens)):
+  params = jax.jit(xla.init)(jax.random.key(0), images, tokens)
+  for a, b in zip(jax.jit(xla.apply)(params, images, tokens), jax.jit(cudnn.apply)(params, images, tokens)):
     np.testing.assert_array_equal(a, b)
 
 
@@ -123,9 +124,9 @@ def test_bfloat16_compute_keeps_float32_params():
   p = presets.small()
   p.dtype = "bfloat16"
   model = _model(p)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 16, 3)), jnp.zeros((1, 16), jnp.int32))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 16, 3)), jnp.zeros((1, 16), jnp.int32))
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-  img, _ = model.apply(variables, jnp.zeros((2, 32, 16, 3)), jnp.ones((2, 16), jnp.int32))
+  img, _ = jax.jit(model.apply)(variables, jnp.zeros((2, 32, 16, 3)), jnp.ones((2, 16), jnp.int32))
   assert img.dtype == jnp.float32 and np.isfinite(np.asarray(img)).all()
 
 
