@@ -1,5 +1,6 @@
 """Pretrained CLIP loading: parity with transformers' PyTorch CLIP on checkpoints written here."""
 
+import functools
 import os
 import shutil
 
@@ -58,10 +59,14 @@ def ckpt(tmp_path_factory):
 
 def _features(cfg: clip.CLIPConfig, params, images: np.ndarray, tokens: np.ndarray):
   """Unnormalised projected features [B, D] of both towers (what `get_*_features` return)."""
-  model = clip.CLIP(cfg)
-  img = model.apply({"params": params}, jnp.asarray(images), method=lambda m, x: m.visual(x))
-  txt = model.apply({"params": params}, jnp.asarray(tokens), method=lambda m, t: m.text(t))
+  img, txt = _projected(clip.CLIP(cfg), params, jnp.asarray(images), jnp.asarray(tokens))
   return np.asarray(img, np.float32), np.asarray(txt, np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one program per model config, as the trainer's
+def _projected(model: clip.CLIP, params, images, tokens):
+  return (model.apply({"params": params}, images, method=lambda m, x: m.visual(x)),
+          model.apply({"params": params}, tokens, method=lambda m, t: m.text(t)))
 
 
 def _inputs(tok: Tokenizer, image_size=(cc.IMAGE, cc.IMAGE)):
@@ -151,7 +156,7 @@ def test_bfloat16_compute_stays_close_to_float32(ckpt, tmp_path):
   tok = ckpt["tok"]
   params = checkpoint_io.load_clip(ckpt["paths"]["safetensors"], _cfg(tok), appended_tokens=1, cache_dir=str(tmp_path))[0]
   images, tokens = _inputs(tok)
-  full, half = (clip.CLIP(_cfg(tok, dtype=d)).apply({"params": params}, jnp.asarray(images), jnp.asarray(tokens))
+  full, half = (jax.jit(clip.CLIP(_cfg(tok, dtype=d)).apply)({"params": params}, jnp.asarray(images), jnp.asarray(tokens))
                 for d in ("float32", "bfloat16"))
   for name, a, b in zip(("image", "text"), full, half):
     err = float(jnp.abs(a - b).max())
