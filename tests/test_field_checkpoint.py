@@ -4,6 +4,7 @@ trained position grid, DGCMIA's memory banks, an MLM head and a classifier) load
 forward's features, and every program reads it; a run written back in the field's formats reads
 back bit for bit, and as a Hugging Face folder transformers loads."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -129,7 +130,7 @@ def test_a_field_checkpoint_loads_and_gives_a_torch_forwards_features(field):
   assert run.step == 7 and run.tokenizer.num_appended == 0 and run.model.cfg.text.vocab_size == 49408
   images = np.random.default_rng(0).integers(0, 256, (3, 32, 16, 3)).astype(np.uint8)
   tokens = run.tokenizer.encode(["a woman in a red coat", "the man with a black backpack &amp; jeans", "jekyll"])
-  ours = [np.asarray(run.model.apply({"params": run.params}, x, method=method))
+  ours = [np.asarray(jax.jit(functools.partial(run.model.apply, method=method))({"params": run.params}, x))
           for x, method in ((clip.normalize_images(images), lambda m, x: m.visual(x)),
                             (tokens, lambda m, t: m.text(t)))]
   theirs = _torch_features(state, images.astype(np.float32), tokens)

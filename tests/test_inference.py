@@ -34,8 +34,8 @@ def test_captions_cut_to_their_length_give_the_features_of_the_whole_context(tin
 
   tokenizer, splits = datasets.load(tiny_config.data, ("test",))
   model = rebuild.build_model(tiny_config, tokenizer)
-  params = model.init(jax.random.key(0), np.zeros((1, *tiny_config.data.image_size, 3), np.float32),
-                      np.zeros((1, tiny_config.data.context_length), np.int32))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, *tiny_config.data.image_size, 3), np.float32),
+                              np.zeros((1, tiny_config.data.context_length), np.int32))["params"]
   mesh = parallel.make_mesh()
   encoders = encoding.make_encoders(model, mesh)
   texts = ["a man", "a woman in a red coat carrying a black backpack !", "!", " ".join(["long"] * 100),

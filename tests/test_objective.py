@@ -91,8 +91,8 @@ def _relation_aux(cfg):
   order = pipeline.EpochOrder(split.num_pairs, cfg.train.batch_size, cfg.seed)
   batch = next(pipeline.train_batches(split, order, start_step=0, end_step=1, num_threads=2))
   model = rebuild.build_model(cfg, tokenizer)
-  params = model.init(jax.random.key(0), np.zeros((1, *cfg.data.image_size, 3), np.float32),
-                      np.zeros((1, cfg.data.context_length), np.int32))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, *cfg.data.image_size, 3), np.float32),
+                              np.zeros((1, cfg.data.context_length), np.int32))["params"]
   obj = objective.Objective.from_config(cfg, model, tokenizer.mask_id, order.steps_per_epoch, mesh)
   aux_of = jax.jit(lambda p, b, pids: obj(p, b, jnp.int32(0), pair_pids=pids)[2])
   return aux_of(params, jax.tree.map(jnp.asarray, batch), jnp.asarray(split.pair_person_ids))
