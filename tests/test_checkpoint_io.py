@@ -156,8 +156,8 @@ def test_bfloat16_compute_stays_close_to_float32(ckpt, tmp_path):
   tok = ckpt["tok"]
   params = checkpoint_io.load_clip(ckpt["paths"]["safetensors"], _cfg(tok), appended_tokens=1, cache_dir=str(tmp_path))[0]
   images, tokens = _inputs(tok)
-  full, half = (jax.jit(clip.CLIP(_cfg(tok, dtype=d)).apply)({"params": params}, jnp.asarray(images), jnp.asarray(tokens))
-                for d in ("float32", "bfloat16"))
+  full, half = (jax.jit(clip.CLIP(_cfg(tok, dtype=d)).apply)({"params": params}, jnp.asarray(images),
+                                                               jnp.asarray(tokens)) for d in ("float32", "bfloat16"))
   for name, a, b in zip(("image", "text"), full, half):
     err = float(jnp.abs(a - b).max())
     cos = float(jnp.min(jnp.sum(a * b, axis=-1)))

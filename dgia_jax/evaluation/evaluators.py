@@ -135,9 +135,10 @@ class Evaluations:
     return record
 
   def after_epoch(self, epoch: int, step: int, params, last: bool) -> None:
-    """Every evaluator due (`every`), in order; the best epoch's parameters saved; the curves redrawn.
-    An evaluator that has a record of `step` already (a run resumed there) is not run again, one
-    that has none is: a run killed between its checkpoint and its evaluation evaluates on resuming."""
+    """Every evaluator due (`every`), in order; the best epoch's parameters saved; the curves redrawn
+    when due (`reporting.Curves`). An evaluator that has a record of `step` already (a run resumed
+    there) is not run again, one that has none is: a run killed between its checkpoint and its
+    evaluation evaluates on resuming."""
     diverged = []
     for evaluator in self.evaluators:
       due = evaluator.every == "epoch" or last
