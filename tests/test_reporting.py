@@ -60,8 +60,7 @@ def test_curves_are_redrawn_when_records_changed_and_at_most_every_interval_befo
   drawn = []
   monkeypatch.setattr(reporting, "plot_curves", lambda records, path, title: drawn.append(len(records)))
   clock = [100.0]
-  monkeypatch.setattr(reporting.time, "monotonic", lambda: clock[0])
-  curves = reporting.Curves(str(tmp_path / "curves.png"), "run", every_seconds=30)
+  curves = reporting.Curves(str(tmp_path / "curves.png"), "run", every_seconds=30, clock=lambda: clock[0])
   records = [{"kind": "train", "step": 1, "loss": 2.0}]
   curves.draw(records)  # within 30 s of the start: not yet
   clock[0] += 31

@@ -179,15 +179,15 @@ class Curves:
   at the end of a run, and during it once `every_seconds` have passed since the start or the last
   drawing (a drawing takes ~0.4 s: a run of seconds-long epochs would spend a third of its time on them)."""
 
-  def __init__(self, path: str, title: str = "", every_seconds: float = 30.0):
-    self._path, self._title, self._every = path, title, every_seconds
-    self._drawn, self._drawn_at = -1, time.monotonic()
+  def __init__(self, path: str, title: str = "", every_seconds: float = 30.0, clock=time.monotonic):
+    self._path, self._title, self._every, self._clock = path, title, every_seconds, clock
+    self._drawn, self._drawn_at = -1, clock()
 
   def draw(self, records: list[dict], end: bool = False) -> None:
-    if len(records) == self._drawn or (not end and time.monotonic() - self._drawn_at < self._every):
+    if len(records) == self._drawn or (not end and self._clock() - self._drawn_at < self._every):
       return
     plot_curves(records, self._path, self._title)
-    self._drawn, self._drawn_at = len(records), time.monotonic()
+    self._drawn, self._drawn_at = len(records), self._clock()
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
