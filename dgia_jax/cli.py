@@ -5,6 +5,7 @@ Every program ends with `cli.run(main)` and its `main` starts with `cli.start(ar
 
 import logging as pylogging
 import os
+import re
 import sys
 
 import jax
@@ -103,21 +104,56 @@ def model_of_flags(workdir: str | None, checkpoint: str | None, config=None):
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing that reports, in one line, a bad flag value, a bad `--config.*` override and a
-  `--config` file that cannot be loaded (missing, a folder, or raising), not a traceback."""
+  `--config` file that cannot be loaded (missing, a folder, or raising), not a traceback.
+
+  ml_collections finds `--config.*` overrides in `sys.argv`, not in the argv absl parses: `argv`
+  stands in for `sys.argv` while parsing, so the overrides read are those of `argv`."""
+  program_argv, sys.argv = sys.argv, list(argv)
   try:
     rest = flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # ml_collections' way of saying "no such key"
-    key = str(e).strip("\"'")
-    culprit = next((a for a in argv[1:] if a.startswith("--config.") and key.split("'")[0] in a), "a --config flag")
-    sys.exit(f"error: unknown config key {key!r} in {culprit}")
   except flags.Error as e:  # several missing flags are several lines: one line naming each
     sys.exit("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()))
+  except Exception as e:  # ml_collections raises what it meets applying an override (KeyError, ValueError, ...)
+    overrides = [a for a in argv[1:] if re.match(r"-{1,2}(no)?config\.", a)]
+    if not overrides:
+      raise
+    sys.exit(f"error: {_bad_override(e, overrides)}")
+  finally:
+    sys.argv = program_argv
   for name in flags.FLAGS:
     flag = flags.FLAGS[name]
     if type(flag.value).__name__ == "_ErrorConfig":  # ml_collections' placeholder for a config that did not load
       cause = object.__getattribute__(flag.value, "_error")
       sys.exit(f"error: --{name} {flag.config_filename}: {_config_file_problem(flag.config_filename, cause)}")
   return rest
+
+
+def _bad_override(e: Exception, overrides: list[str]) -> str:
+  """One line naming which of `overrides` (`--config.*` flags) ml_collections refused with `e`: a key
+  the config lacks (KeyError "'key'\\nDid you mean ...", or AttributeError "... Attempting to lookup:
+  a.b.c"), or a path or value it cannot read (ValueError, IndexError, ...)."""
+  while e.args and isinstance(e.args[0], Exception):  # an AttributeError wrapping the KeyError
+    e = e.args[0]
+  text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+  lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(e).__name__]
+  path_of = lambda flag: flag.split("=", 1)[0].split(".", 1)[1]  # noqa: E731
+  if isinstance(e, (KeyError, AttributeError)):
+    if "Attempting to lookup: " in text:  # a key below a value that is not a config (train.lr.x)
+      path = text.rsplit("Attempting to lookup: ", 1)[1].strip()
+      key, hint = path.rsplit(".", 1)[-1], f"{path.rsplit('.', 1)[0]} holds a value, not keys"
+    else:
+      key, hint = lines[0].strip("\"'"), " ".join(lines[1:])
+    culprit = next((a for a in overrides if key in re.split(r"[.\[\]]", path_of(a))), None)
+    return f"unknown config key {key!r} in {_named(culprit, overrides)}" + (f" ({hint})" if hint else "")
+  culprit = next((a for a in overrides if path_of(a) in text), None)
+  return f"cannot apply {_named(culprit, overrides)} ({type(e).__name__}: {lines[0]})"
+
+
+def _named(culprit: str | None, overrides: list[str]) -> str:
+  """`culprit`, or the overrides it may be among when the error does not say which; on one line
+  (a flag holding a newline or another unprintable character is shown quoted, escaped)."""
+  shown = [a if a.isprintable() else repr(a) for a in ([culprit] if culprit is not None else overrides)]
+  return shown[0] if len(shown) == 1 else "one of " + " ".join(shown)
 
 
 def _config_file_problem(path: str, cause: Exception) -> str:

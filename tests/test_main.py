@@ -16,10 +16,16 @@ def _main(*args, timeout=300):
   return helpers.run_module("dgia_jax.main", "--config", "configs/default.py", *args, timeout=timeout)
 
 
-def test_unknown_config_key_is_named(tmp_path):
-  proc = _main("--workdir", str(tmp_path), "--config.train.no_such_key=3")
-  assert proc.returncode != 0
-  assert proc.stderr.strip() == "error: unknown config key 'no_such_key' in --config.train.no_such_key=3"
+@pytest.mark.parametrize("override, says", [
+    ("--config.train.no_such_key=3", "error: unknown config key 'no_such_key' in --config.train.no_such_key=3"),
+    ("--config.trainn.lr=3", "error: unknown config key 'trainn' in --config.trainn.lr=3 "
+                             "(Did you mean \"train\" instead of \"trainn\"?)"),
+    ("--config.data.image_size[5]=3", "error: cannot apply --config.data.image_size[5]=3 (IndexError: tuple index "
+                                      "out of range)"),
+])
+def test_an_override_of_no_config_key_is_named(tmp_path, override, says):
+  proc = _main("--workdir", str(tmp_path), override)
+  assert proc.returncode == 1 and proc.stderr.strip() == says
 
 
 def test_bad_config_value_is_named(tmp_path):

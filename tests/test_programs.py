@@ -46,6 +46,9 @@ def fuzz(argv):
     cli.parse_flags([sys.argv[1]] + (["--config=configs/default.py"] if "config" in names else []) + argv)
   except SystemExit as e:
     assert isinstance(e.code, str) and e.code.startswith("error: ") and "\\n" not in e.code, (argv, e.code)
+    if len(argv) == 1 and argv[0].startswith("-") and argv[0] != "--":  # one flag refused: it is named
+      name = argv[0].split("=", 1)[0].lstrip("-")
+      assert name in e.code or "must have a value other than None" in e.code, (argv, e.code)
   finally:
     flags.FLAGS.unparse_flags()
 
