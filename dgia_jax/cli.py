@@ -10,6 +10,7 @@ import sys
 
 import jax
 from absl import app, flags, logging
+from ml_collections.config_flags import config_path
 
 from dgia_jax.common import config_files, errors, host_memory
 
@@ -113,11 +114,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     rest = flags.FLAGS(argv)
   except flags.Error as e:  # several missing flags are several lines: one line naming each
     sys.exit("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()))
-  except Exception as e:  # ml_collections raises what it meets applying an override (KeyError, ValueError, ...)
-    overrides = [a for a in argv[1:] if re.match(r"-{1,2}(no)?config\.", a)]
-    if not overrides:
+  except Exception as e:  # ml_collections raises what it meets loading --config or applying an override
+    problem = _config_problem(argv, e)
+    if problem is None:
       raise
-    sys.exit(f"error: {_bad_override(e, overrides)}")
+    sys.exit(f"error: {problem}")
   finally:
     sys.argv = program_argv
   for name in flags.FLAGS:
@@ -128,32 +129,51 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
-def _bad_override(e: Exception, overrides: list[str]) -> str:
-  """One line naming which of `overrides` (`--config.*` flags) ml_collections refused with `e`: a key
-  the config lacks (KeyError "'key'\\nDid you mean ...", or AttributeError "... Attempting to lookup:
-  a.b.c"), or a path or value it cannot read (ValueError, IndexError, ...)."""
+def _config_problem(argv: list[str], error: Exception) -> str | None:
+  """What of `--config` and its overrides in `argv` (flag files read) made parsing raise `error`, in
+  one line: the config file, else the first override whose path the config lacks or ml_collections
+  cannot read (as it reads them, `config_path.get_value`), else the overrides together. None if
+  the program has no `--config` flag, or neither a config nor an override is given."""
+  if "config" not in flags.FLAGS:
+    return None
+  try:
+    args = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+  except flags.Error:
+    args = argv[1:]
+  overrides = [a for a in args if re.match(r"-{1,2}(no)?config\.", a)]
+  given = [args[i + 1] if a in ("-config", "--config") and i + 1 < len(args) else a.split("=", 1)[1]
+           for i, a in enumerate(args) if re.match(r"-{1,2}config(=|$)", a)]
+  path = given[-1] if given else getattr(flags.FLAGS["config"], "config_filename", None)
+  if not given and not path:
+    return f"cannot apply {_shown(overrides[0])}: no --config given" if overrides else None
+  try:
+    config = config_files.load_config(path)
+  except Exception as cause:
+    return f"--config {path}: {_config_file_problem(path, cause)}"
+  for flag in overrides:
+    try:
+      config_path.get_value(flag.split("=", 1)[0].split(".", 1)[1], config)
+    except Exception as e:
+      return _refused(_shown(flag), e)
+  return _refused(" ".join(map(_shown, overrides)), error) if overrides else None
+
+
+def _refused(flags_shown: str, e: Exception) -> str:
+  """'unknown config key ...' (ml_collections' KeyError, its suggestion kept) or 'cannot apply ...'."""
   while e.args and isinstance(e.args[0], Exception):  # an AttributeError wrapping the KeyError
     e = e.args[0]
   text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
   lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(e).__name__]
-  path_of = lambda flag: flag.split("=", 1)[0].split(".", 1)[1]  # noqa: E731
-  if isinstance(e, (KeyError, AttributeError)):
-    if "Attempting to lookup: " in text:  # a key below a value that is not a config (train.lr.x)
-      path = text.rsplit("Attempting to lookup: ", 1)[1].strip()
-      key, hint = path.rsplit(".", 1)[-1], f"{path.rsplit('.', 1)[0]} holds a value, not keys"
-    else:
-      key, hint = lines[0].strip("\"'"), " ".join(lines[1:])
-    culprit = next((a for a in overrides if key in re.split(r"[.\[\]]", path_of(a))), None)
-    return f"unknown config key {key!r} in {_named(culprit, overrides)}" + (f" ({hint})" if hint else "")
-  culprit = next((a for a in overrides if path_of(a) in text), None)
-  return f"cannot apply {_named(culprit, overrides)} ({type(e).__name__}: {lines[0]})"
+  if isinstance(e, KeyError) and lines[0][:1] in "'\"":  # a quoted key: the config lacks it
+    hint = f" ({' '.join(lines[1:])})" if lines[1:] else ""
+    return f"unknown config key {lines[0].strip(chr(34) + chr(39))!r} in {flags_shown}{hint}"
+  return f"cannot apply {flags_shown} ({type(e).__name__}: {lines[0]})"
 
 
-def _named(culprit: str | None, overrides: list[str]) -> str:
-  """`culprit`, or the overrides it may be among when the error does not say which; on one line
-  (a flag holding a newline or another unprintable character is shown quoted, escaped)."""
-  shown = [a if a.isprintable() else repr(a) for a in ([culprit] if culprit is not None else overrides)]
-  return shown[0] if len(shown) == 1 else "one of " + " ".join(shown)
+def _shown(arg: str) -> str:
+  """A command-line argument on one line: quoted and escaped if it holds a newline or another
+  unprintable character."""
+  return arg if arg.isprintable() else repr(arg)
 
 
 def _config_file_problem(path: str, cause: Exception) -> str:

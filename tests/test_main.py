@@ -16,16 +16,24 @@ def _main(*args, timeout=300):
   return helpers.run_module("dgia_jax.main", "--config", "configs/default.py", *args, timeout=timeout)
 
 
-@pytest.mark.parametrize("override, says", [
-    ("--config.train.no_such_key=3", "error: unknown config key 'no_such_key' in --config.train.no_such_key=3"),
-    ("--config.trainn.lr=3", "error: unknown config key 'trainn' in --config.trainn.lr=3 "
-                             "(Did you mean \"train\" instead of \"trainn\"?)"),
-    ("--config.data.image_size[5]=3", "error: cannot apply --config.data.image_size[5]=3 (IndexError: tuple index "
-                                      "out of range)"),
+@pytest.mark.parametrize("args, says", [
+    (["--config.train.no_such_key=3"], "unknown config key 'no_such_key' in --config.train.no_such_key=3"),
+    (["--config.train.lr=1e-3", "--config.model.lr=1e-3"], "unknown config key 'lr' in --config.model.lr=1e-3"),
+    (["--config.trainn.lr=3"], "unknown config key 'trainn' in --config.trainn.lr=3 (Did you mean \"train\" instead of "
+                               "\"trainn\"?)"),
+    (["--config.data.image_size[5]=3"], "cannot apply --config.data.image_size[5]=3 (IndexError: tuple index out of "
+                                        "range)"),
+    (["--flagfile=FLAGFILE"], "unknown config key 'lrr' in --config.train.lrr=1 (Did you mean \"lr\" instead of "
+                              "\"lrr\"?)"),
+    (["--config=configs/nope.py", "--config.train.lr=1e-3"], "--config configs/nope.py: no such file"),
 ])
-def test_an_override_of_no_config_key_is_named(tmp_path, override, says):
-  proc = _main("--workdir", str(tmp_path), override)
-  assert proc.returncode == 1 and proc.stderr.strip() == says
+def test_a_refused_override_or_config_is_named(tmp_path, args, says):
+  """The first override the config cannot take (on the command line or in a flag file), or the
+  config file itself, named in one line."""
+  (tmp_path / "flags.txt").write_text("--config.train.lrr=1\n")
+  proc = _main("--workdir", str(tmp_path / "run"), *(a.replace("FLAGFILE", str(tmp_path / "flags.txt")) for a in args))
+  assert proc.returncode == 1 and proc.stderr.strip() == f"error: {says}", proc.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
 
 
 def test_bad_config_value_is_named(tmp_path):
