@@ -158,15 +158,18 @@ def _config_problem(argv: list[str], error: Exception) -> str | None:
   return _refused(" ".join(map(_shown, overrides)), error) if overrides else None
 
 
+_QUOTES = "'\""
+
+
 def _refused(flags_shown: str, e: Exception) -> str:
   """'unknown config key ...' (ml_collections' KeyError, its suggestion kept) or 'cannot apply ...'."""
   while e.args and isinstance(e.args[0], Exception):  # an AttributeError wrapping the KeyError
     e = e.args[0]
   text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
   lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(e).__name__]
-  if isinstance(e, KeyError) and lines[0][:1] in "'\"":  # a quoted key: the config lacks it
+  if isinstance(e, KeyError) and lines[0][0] in _QUOTES:  # a quoted key: the config lacks it
     hint = f" ({' '.join(lines[1:])})" if lines[1:] else ""
-    return f"unknown config key {lines[0].strip(chr(34) + chr(39))!r} in {flags_shown}{hint}"
+    return f"unknown config key {lines[0].strip(_QUOTES)!r} in {flags_shown}{hint}"
   return f"cannot apply {flags_shown} ({type(e).__name__}: {lines[0]})"
 
 
