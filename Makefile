@@ -28,7 +28,7 @@ venv: $(DEV_STAMP)
 train: $(RUN_STAMP)
 	$(BIN)/python -m dgia_jax.main --config configs/default.py --workdir runs/default
 
-# Every test (what CI runs): 390 tests in about 14 minutes on 2 cores from a fresh clone, caches empty.
+# Every test (what CI runs): 395 tests in about 13-14 minutes on 2 cores from a fresh clone, caches empty.
 test: $(DEV_STAMP) browser
 	$(BIN)/python -m pytest -q -n 2 --durations=30 tests
 
