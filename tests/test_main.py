@@ -26,13 +26,17 @@ def _main(*args, timeout=300):
     (["--flagfile=FLAGFILE"], "unknown config key 'lrr' in --config.train.lrr=1 (Did you mean \"lr\" instead of "
                               "\"lrr\"?)"),
     (["--config=configs/nope.py", "--config.train.lr=1e-3"], "--config configs/nope.py: no such file"),
+    (["--config=RAISING"], "--config RAISING: 'nokey'"),  # its get_config raises a KeyError
 ])
 def test_a_refused_override_or_config_is_named(tmp_path, args, says):
   """The first override the config cannot take (on the command line or in a flag file), or the
   config file itself, named in one line."""
   (tmp_path / "flags.txt").write_text("--config.train.lrr=1\n")
-  proc = _main("--workdir", str(tmp_path / "run"), *(a.replace("FLAGFILE", str(tmp_path / "flags.txt")) for a in args))
-  assert proc.returncode == 1 and proc.stderr.strip() == f"error: {says}", proc.stderr[-2000:]
+  (tmp_path / "raising.py").write_text("def get_config():\n  return {}['nokey']\n")
+  files = {"FLAGFILE": str(tmp_path / "flags.txt"), "RAISING": str(tmp_path / "raising.py")}
+  paths = lambda text: text.replace("FLAGFILE", files["FLAGFILE"]).replace("RAISING", files["RAISING"])  # noqa: E731
+  proc = _main("--workdir", str(tmp_path / "run"), *map(paths, args))
+  assert proc.returncode == 1 and proc.stderr.strip() == paths(f"error: {says}"), proc.stderr[-2000:]
   assert not (tmp_path / "run").exists()
 
 
