@@ -141,8 +141,12 @@ def _config_problem(argv: list[str], error: Exception) -> str | None:
   except flags.Error:
     args = argv[1:]
   overrides = [a for a in args if re.match(r"-{1,2}(no)?config\.", a)]
-  given = [args[i + 1] if a in ("-config", "--config") and i + 1 < len(args) else a.split("=", 1)[1]
-           for i, a in enumerate(args) if re.match(r"-{1,2}config(=|$)", a)]
+  given = []  # the values of --config, in order (the last one counts)
+  for i, a in enumerate(args):
+    if a in ("-config", "--config"):
+      given += args[i + 1:i + 2]
+    elif re.match(r"-{1,2}config=", a):
+      given.append(a.split("=", 1)[1])
   path = given[-1] if given else getattr(flags.FLAGS["config"], "config_filename", None)
   if not given and not path:
     return f"cannot apply {_shown(overrides[0])}: no --config given" if overrides else None
